@@ -1,0 +1,205 @@
+-- Jobs: enqueue, enqueue_many, cancel, status, retry, and the job_status view.
+-- Requires queue.uuid_generate_v7() and queue.wake_executors() (src/api/mod.rs).
+
+-- queue_for_enqueue: the queue's row, or 42704 when there is none.
+CREATE FUNCTION queue.queue_for_enqueue(queue_name text) RETURNS queue.queues
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    q queue.queues;
+BEGIN
+    IF queue_name IS NULL THEN
+        RAISE EXCEPTION 'queue must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    SELECT * INTO q FROM queue.queues WHERE name = queue_name;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'queue "%" does not exist', queue_name USING ERRCODE = 'undefined_object',
+            HINT = 'Create it with queue.create_queue().';
+    END IF;
+    RETURN q;
+END
+$$;
+
+-- check_job_options: the per-job options enqueue and enqueue_many share.
+CREATE FUNCTION queue.check_job_options(priority integer, max_attempts integer, timeout interval)
+RETURNS void LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF priority IS NULL THEN
+        RAISE EXCEPTION 'priority must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    ELSIF max_attempts < 1 OR max_attempts > 1000 THEN
+        RAISE EXCEPTION 'max_attempts must be between 1 and 1000, not %', max_attempts
+            USING ERRCODE = 'invalid_parameter_value';
+    ELSIF timeout <= interval '0' OR timeout > interval '24 hours' THEN
+        RAISE EXCEPTION 'timeout must be positive and at most 24 hours, not %', timeout
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+END
+$$;
+
+CREATE FUNCTION queue.enqueue(
+    queue        text,
+    payload      jsonb       DEFAULT '{}',
+    run_at       timestamptz DEFAULT NULL,
+    priority     integer     DEFAULT 0,
+    max_attempts integer     DEFAULT NULL,
+    timeout      interval    DEFAULT NULL)
+RETURNS uuid LANGUAGE plpgsql AS $$
+DECLARE
+    q queue.queues := queue.queue_for_enqueue(queue);
+    job_id uuid := queue.uuid_generate_v7();
+BEGIN
+    IF payload IS NULL THEN
+        RAISE EXCEPTION 'payload must not be NULL' USING ERRCODE = 'null_value_not_allowed',
+            HINT = 'Use ''{}'' for a job without data.';
+    END IF;
+    PERFORM queue.check_job_options(priority, max_attempts, timeout);
+    INSERT INTO queue.jobs (id, queue, state, payload, priority, run_at, max_attempts, timeout, created_at)
+    VALUES (job_id, q.name, 'queued', payload, priority, coalesce(run_at, now()),
+            coalesce(max_attempts, q.max_attempts), timeout, now());
+    IF run_at IS NULL OR run_at <= now() THEN
+        PERFORM queue.wake_executors(1);
+    END IF;
+    RETURN job_id;
+END
+$$;
+COMMENT ON FUNCTION queue.enqueue(text, jsonb, timestamptz, integer, integer, interval) IS
+    'Enqueues one job in the caller''s transaction (workers see it at commit) and returns its id. run_at in the future schedules it; lower priority runs first; max_attempts and timeout default to the queue''s.';
+
+CREATE FUNCTION queue.enqueue_many(
+    queue        text,
+    payloads     jsonb[],
+    run_at       timestamptz DEFAULT NULL,
+    priority     integer     DEFAULT 0,
+    max_attempts integer     DEFAULT NULL,
+    timeout      interval    DEFAULT NULL)
+RETURNS SETOF uuid LANGUAGE plpgsql AS $$
+DECLARE
+    q queue.queues := queue.queue_for_enqueue(queue);
+    n integer;
+BEGIN
+    IF payloads IS NULL OR array_position(payloads, NULL) IS NOT NULL THEN
+        RAISE EXCEPTION 'payloads must not be NULL nor contain NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    PERFORM queue.check_job_options(priority, max_attempts, timeout);
+    RETURN QUERY
+    INSERT INTO queue.jobs (id, queue, state, payload, priority, run_at, max_attempts, timeout, created_at)
+    SELECT queue.uuid_generate_v7(), q.name, 'queued', p.payload, enqueue_many.priority,
+           coalesce(enqueue_many.run_at, now()), coalesce(enqueue_many.max_attempts, q.max_attempts),
+           enqueue_many.timeout, now()
+      FROM unnest(payloads) WITH ORDINALITY AS p(payload, ord)
+     ORDER BY p.ord
+    RETURNING id;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF n > 0 AND (run_at IS NULL OR run_at <= now()) THEN
+        PERFORM queue.wake_executors(n);
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION queue.enqueue_many(text, jsonb[], timestamptz, integer, integer, interval) IS
+    'Enqueues one job per payload in one statement; returns their ids in payload order.';
+
+CREATE FUNCTION queue.cancel(id uuid) RETURNS boolean LANGUAGE plpgsql AS $$
+DECLARE
+    st queue.job_state;
+BEGIN
+    IF id IS NULL THEN
+        RAISE EXCEPTION 'id must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    SELECT j.state INTO st FROM queue.jobs j WHERE j.id = cancel.id FOR UPDATE;
+    IF NOT FOUND THEN
+        IF EXISTS (SELECT 1 FROM queue.history h WHERE h.id = cancel.id
+                     AND h.finished_at >= queue.uuid_time(cancel.id) - interval '1 day') THEN
+            RETURN false;                       -- already terminal
+        END IF;
+        RAISE EXCEPTION 'job % does not exist', id USING ERRCODE = 'undefined_object';
+    END IF;
+    IF st = 'running' THEN
+        RETURN false;                           -- running jobs finish; see docs/design.md
+    END IF;
+    WITH d AS (DELETE FROM queue.jobs j WHERE j.id = cancel.id AND j.state IN ('queued', 'waiting')
+               RETURNING j.*)
+    INSERT INTO queue.history (id, queue, state, payload, priority, run_at, attempts, max_attempts,
+                               timeout, created_at, started_at, finished_at, worker_pid, errors)
+    SELECT d.id, d.queue, 'cancelled', d.payload, d.priority, d.run_at, d.attempts, d.max_attempts,
+           d.timeout, d.created_at, d.started_at, clock_timestamp(), d.worker_pid, d.errors
+      FROM d;
+    RETURN FOUND;
+END
+$$;
+COMMENT ON FUNCTION queue.cancel(uuid) IS
+    'Cancels a queued or waiting job (it moves to history as cancelled) and returns true; false when the job is running or already finished.';
+
+-- job_status: every job, live or finished, in one relation. Reading it in one statement
+-- takes one snapshot, so a job moving from jobs to history is never missed nor seen twice.
+CREATE VIEW queue.job_status AS
+SELECT j.id, j.queue, j.state, j.state = 'queued' AND j.run_at > now() AS scheduled,
+       j.attempts, j.max_attempts, j.priority, j.run_at, j.created_at, j.started_at,
+       NULL::timestamptz AS finished_at, j.errors -> -1 ->> 'message' AS last_error,
+       j.errors, NULL::jsonb AS result, j.worker_pid, j.payload
+  FROM queue.jobs j
+UNION ALL
+SELECT h.id, h.queue, h.state, false, h.attempts, h.max_attempts, h.priority, h.run_at,
+       h.created_at, h.started_at, h.finished_at, h.errors -> -1 ->> 'message', h.errors,
+       h.result, h.worker_pid, h.payload
+  FROM queue.history h;
+COMMENT ON VIEW queue.job_status IS
+    'All jobs, live and finished. Filter on id (or queue) to keep it cheap.';
+
+CREATE FUNCTION queue.status(id uuid)
+RETURNS SETOF queue.job_status LANGUAGE sql STABLE AS $$
+    SELECT * FROM queue.job_status s
+     WHERE s.id = status.id
+       -- history partitions that cannot hold the job are pruned: it finished after it was created
+       AND (s.finished_at IS NULL OR s.finished_at >= queue.uuid_time(status.id) - interval '1 day')
+$$;
+COMMENT ON FUNCTION queue.status(uuid) IS
+    'The job''s state, attempts, times, last error, errors, result and worker; no row for an unknown id.';
+
+CREATE FUNCTION queue.retry(id uuid) RETURNS boolean LANGUAGE plpgsql AS $$
+DECLARE
+    h queue.history;
+    n integer;
+BEGIN
+    IF id IS NULL THEN
+        RAISE EXCEPTION 'id must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    SELECT * INTO h FROM queue.history x
+     WHERE x.id = retry.id AND x.finished_at >= queue.uuid_time(retry.id) - interval '1 day';
+    IF NOT FOUND THEN
+        IF EXISTS (SELECT 1 FROM queue.jobs j WHERE j.id = retry.id) THEN
+            RETURN false;                       -- still live
+        END IF;
+        RAISE EXCEPTION 'job % does not exist', id USING ERRCODE = 'undefined_object';
+    END IF;
+    IF h.state = 'succeeded' THEN
+        RETURN false;
+    END IF;
+    PERFORM queue.queue_for_enqueue(h.queue);
+    -- A retried job gets its full attempts again; its errors stay, each naming its attempt.
+    WITH d AS (DELETE FROM queue.history x
+                WHERE x.id = retry.id AND x.state IN ('failed', 'cancelled')
+                  AND x.finished_at >= queue.uuid_time(retry.id) - interval '1 day'
+               RETURNING x.*)
+    INSERT INTO queue.jobs (id, queue, state, payload, priority, run_at, attempts, max_attempts,
+                            timeout, created_at, errors)
+    SELECT d.id, d.queue, 'queued', d.payload, d.priority, now(), 0, d.max_attempts, d.timeout,
+           d.created_at, d.errors
+      FROM d;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF n > 0 THEN
+        PERFORM queue.wake_executors(1);
+    END IF;
+    RETURN n > 0;
+END
+$$;
+COMMENT ON FUNCTION queue.retry(uuid) IS
+    'Re-queues a failed or cancelled job with a fresh set of attempts; false when the job is live or succeeded.';
+
+-- backoff: delay before retrying a job whose attempt `attempt` failed: exponential from
+-- `base`, capped at `max`, with "equal jitter" (uniform in [d/2, d]) so that jobs that
+-- failed together do not retry together.
+CREATE FUNCTION queue.backoff(base interval, max interval, attempt integer) RETURNS interval
+LANGUAGE sql VOLATILE PARALLEL SAFE
+RETURN least(max, base * power(2, least(greatest(attempt, 1) - 1, 40)))
+       * (0.5 + random() * 0.5);
+COMMENT ON FUNCTION queue.backoff(interval, interval, integer) IS
+    'Delay before retrying after failed attempt n: least(max, base * 2^(n-1)), jittered to between half and all of it.';

@@ -1,0 +1,148 @@
+-- pg_queue storage. Everything lives in schema `queue` (see pg_queue.control).
+--
+-- Three kinds of rows, each in a relation whose contents die together (docs/design.md,
+-- "Storage"):
+--   queue.queues   one row per queue: settings, changed by admins only;
+--   queue.jobs     live jobs (waiting, queued, running): small, hot, updated in place;
+--   queue.history  terminal jobs (succeeded, failed, cancelled): insert-only, RANGE
+--                  partitioned by finish time, pruned by dropping whole partitions.
+-- No other row is updated per job.
+
+-- job_state: the only state vocabulary. Which process moves a job out of each state is
+-- documented in src/state.rs.
+CREATE TYPE queue.job_state AS ENUM
+    ('waiting', 'queued', 'running', 'succeeded', 'failed', 'cancelled');
+
+-- queues: one row per queue.
+CREATE TABLE queue.queues (
+    name          text        PRIMARY KEY,
+    -- The SQL handler as a schema-qualified signature, e.g. 'public.send_email(jsonb)'.
+    -- Stored as text, resolved with ::regprocedure when used: a regprocedure column would
+    -- block pg_upgrade (its OIDs are not preserved).
+    handler       text,
+    notify        boolean     NOT NULL DEFAULT false,
+    owner         regrole     NOT NULL DEFAULT current_user::regrole,
+    concurrency   integer     NOT NULL,
+    max_attempts  integer     NOT NULL,
+    timeout       interval    NOT NULL,
+    backoff_base  interval    NOT NULL,
+    backoff_max   interval    NOT NULL,
+    retention     interval    NOT NULL,
+    paused        boolean     NOT NULL DEFAULT false,
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT queues_name_valid CHECK (name ~ '^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,62}$'),
+    CONSTRAINT queues_one_handler CHECK ((handler IS NULL) = notify),
+    CONSTRAINT queues_concurrency_positive CHECK (concurrency > 0),
+    CONSTRAINT queues_max_attempts_positive CHECK (max_attempts > 0),
+    CONSTRAINT queues_timeout_positive CHECK (timeout > interval '0'),
+    CONSTRAINT queues_backoff_valid CHECK (backoff_base >= interval '0' AND backoff_max >= backoff_base),
+    CONSTRAINT queues_retention_positive CHECK (retention > interval '0')
+);
+
+-- jobs: live jobs only. fillfactor leaves room for in-place (HOT) updates of a job's own
+-- row; the partial indexes keep only the rows each reader needs.
+CREATE TABLE queue.jobs (
+    id                uuid        PRIMARY KEY,          -- UUIDv7: carries its creation time
+    queue             text        NOT NULL,
+    state             queue.job_state NOT NULL,
+    payload           jsonb       NOT NULL,
+    priority          integer     NOT NULL DEFAULT 0,   -- lower runs first
+    run_at            timestamptz NOT NULL,
+    attempts          integer     NOT NULL DEFAULT 0,   -- counted when claimed, before the handler runs
+    max_attempts      integer     NOT NULL,
+    timeout           interval,                         -- NULL: the queue's
+    created_at        timestamptz NOT NULL,
+    started_at        timestamptz,                      -- start of the current attempt
+    worker_pid        integer,                          -- pid of the executor running it
+    worker_id         uuid,                             -- identity of that executor's life
+    lease_token       uuid,                             -- fences every transition out of running
+    errors            jsonb       NOT NULL DEFAULT '[]', -- one object per failed attempt
+    CONSTRAINT jobs_live_state CHECK (state IN ('waiting', 'queued', 'running')),
+    CONSTRAINT jobs_attempts_in_range CHECK (attempts >= 0 AND attempts <= max_attempts),
+    CONSTRAINT jobs_max_attempts_positive CHECK (max_attempts > 0),
+    CONSTRAINT jobs_timeout_positive CHECK (timeout > interval '0'),
+    CONSTRAINT jobs_running_has_owner CHECK
+        ((state = 'running') = (lease_token IS NOT NULL AND started_at IS NOT NULL))
+) WITH (fillfactor = 80, autovacuum_vacuum_scale_factor = 0.01,
+        autovacuum_vacuum_insert_scale_factor = 0.01, autovacuum_vacuum_cost_delay = 0);
+
+-- Claim order within a queue; holds queued jobs only (a claimed job leaves it).
+CREATE INDEX jobs_ready_idx ON queue.jobs (queue, priority, run_at, id) WHERE state = 'queued';
+-- Next time a scheduled job becomes ready: idle executors sleep until then.
+CREATE INDEX jobs_scheduled_idx ON queue.jobs (run_at) WHERE state = 'queued';
+-- Per-queue concurrency and the reaper.
+CREATE INDEX jobs_running_idx ON queue.jobs (queue) WHERE state = 'running';
+
+-- history: terminal jobs, insert-only. A job reaches a terminal state in one statement:
+-- WITH d AS (DELETE FROM queue.jobs ... RETURNING *) INSERT INTO queue.history ...
+CREATE TABLE queue.history (
+    id            uuid        NOT NULL,
+    queue         text        NOT NULL,
+    state         queue.job_state NOT NULL,
+    payload       jsonb       NOT NULL,
+    priority      integer     NOT NULL,
+    run_at        timestamptz NOT NULL,
+    attempts      integer     NOT NULL,
+    max_attempts  integer     NOT NULL,
+    timeout       interval,
+    created_at    timestamptz NOT NULL,
+    started_at    timestamptz,
+    finished_at   timestamptz NOT NULL,
+    worker_pid    integer,
+    result        jsonb,
+    errors        jsonb       NOT NULL,
+    CONSTRAINT history_terminal_state CHECK (state IN ('succeeded', 'failed', 'cancelled')),
+    CONSTRAINT history_attempts_in_range CHECK (attempts >= 0 AND attempts <= max_attempts),
+    CONSTRAINT history_finished_after_created CHECK (finished_at >= created_at)
+) PARTITION BY RANGE (finished_at);
+
+CREATE INDEX history_id_idx ON queue.history (id);
+CREATE INDEX history_queue_idx ON queue.history (queue, finished_at);
+
+-- Catches rows no daily partition covers (e.g. the launcher was down for days); retention
+-- empties it with batched deletes.
+CREATE TABLE queue.history_default PARTITION OF queue.history DEFAULT;
+
+-- uuid_time: the creation time a UUIDv7 carries (its first 48 bits, Unix milliseconds).
+-- A job finishes after it was created, so status() prunes history partitions with it.
+CREATE FUNCTION queue.uuid_time(id uuid) RETURNS timestamptz
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+RETURN to_timestamp(('x' || substr(replace(id::text, '-', ''), 1, 12))::bit(48)::bigint / 1000.0);
+COMMENT ON FUNCTION queue.uuid_time(uuid) IS
+    'The creation time carried by a UUIDv7 job id.';
+
+-- create_history_partitions: daily partitions of queue.history from today up to `days_ahead`
+-- days ahead (UTC days). Run at CREATE EXTENSION and by the launcher, so an insert never
+-- lacks one. A day whose rows already went to the default partition is skipped: those rows
+-- stay there until retention removes them.
+CREATE FUNCTION queue.create_history_partitions(days_ahead integer DEFAULT 3)
+RETURNS integer LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    day date;
+    part text;
+    made integer := 0;
+BEGIN
+    IF days_ahead IS NULL OR days_ahead < 0 OR days_ahead > 366 THEN
+        RAISE EXCEPTION 'days_ahead must be between 0 and 366, not %', days_ahead
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOR i IN 0 .. days_ahead LOOP
+        day := (now() AT TIME ZONE 'UTC')::date + i;
+        part := 'history_' || to_char(day, 'YYYYMMDD');
+        CONTINUE WHEN to_regclass(format('queue.%I', part)) IS NOT NULL;
+        CONTINUE WHEN EXISTS (
+            SELECT 1 FROM queue.history_default
+            WHERE finished_at >= day::timestamp AT TIME ZONE 'UTC'
+              AND finished_at < (day + 1)::timestamp AT TIME ZONE 'UTC');
+        EXECUTE format(
+            'CREATE TABLE queue.%I PARTITION OF queue.history FOR VALUES FROM (%L) TO (%L)',
+            part, day::timestamp AT TIME ZONE 'UTC', (day + 1)::timestamp AT TIME ZONE 'UTC');
+        made := made + 1;
+    END LOOP;
+    RETURN made;
+END
+$$;
+COMMENT ON FUNCTION queue.create_history_partitions(integer) IS
+    'Creates the daily history partitions from today to days_ahead days ahead; returns how many it made.';
+
+SELECT queue.create_history_partitions();

@@ -1,0 +1,104 @@
+//! SQL functions written in Rust. The rest of the SQL API is plain SQL in `sql/`
+//! (queues.sql, jobs.sql), where named arguments, defaults and errors read best.
+
+use pgrx::prelude::*;
+use std::cell::Cell;
+
+/// A time-ordered UUIDv7 (RFC 9562), the id of every job: ids sort by creation time and
+/// `queue.uuid_time(id)` tells which history partitions can hold a finished job.
+#[pg_extern(volatile, parallel_safe)]
+fn uuid_generate_v7() -> pgrx::Uuid {
+    pgrx::Uuid::from_bytes(*uuid::Uuid::now_v7().as_bytes())
+}
+
+thread_local! {
+    /// Jobs made ready by the current transaction, for which executors are woken at commit.
+    static PENDING_WAKEUPS: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Wakes up to `jobs` idle executors once the current transaction commits (an executor
+/// woken before the commit would not see the jobs yet). Does nothing on abort, and nothing
+/// without shared_preload_libraries (executors then find the jobs by polling).
+#[pg_extern(volatile)]
+fn wake_executors(jobs: i32) {
+    if jobs <= 0 {
+        return;
+    }
+    let pending = PENDING_WAKEUPS.get();
+    PENDING_WAKEUPS.set(pending.saturating_add(jobs as usize));
+    if pending > 0 {
+        return; // callbacks already registered for this transaction
+    }
+    pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, || {
+        crate::shmem::wake_idle_executors(PENDING_WAKEUPS.replace(0));
+    });
+    pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Abort, || {
+        PENDING_WAKEUPS.set(0);
+    });
+}
+
+/// Inside a SQL handler: the job being run. No row anywhere else.
+#[pg_extern(stable)]
+fn current_job() -> TableIterator<
+    'static,
+    (
+        name!(id, pgrx::Uuid),
+        name!(queue, String),
+        name!(attempt, i32),
+        name!(max_attempts, i32),
+        name!(payload, pgrx::JsonB),
+    ),
+> {
+    let row = crate::worker::executor::current_job().map(|j| {
+        (
+            pgrx::Uuid::from_bytes(*j.id.as_bytes()),
+            j.queue,
+            j.attempt,
+            j.max_attempts,
+            pgrx::JsonB(serde_json::from_str(&j.payload).unwrap_or(serde_json::Value::Null)),
+        )
+    });
+    TableIterator::new(row)
+}
+
+extension_sql!(
+    r#"
+COMMENT ON FUNCTION queue.uuid_generate_v7() IS 'A new time-ordered UUIDv7 (the kind of id every job has).';
+COMMENT ON FUNCTION queue.wake_executors(integer) IS 'Internal: wakes idle executors for that many ready jobs when the current transaction commits.';
+COMMENT ON FUNCTION queue.current_job() IS 'Inside a SQL handler: the running job (id, queue, attempt, max_attempts, payload). No row elsewhere.';
+COMMENT ON FUNCTION queue.job_transitions() IS 'The legal moves between job states (the state machine every statement follows).';
+"#,
+    name = "api_comments",
+    requires = [
+        uuid_generate_v7,
+        wake_executors,
+        current_job,
+        job_transitions
+    ]
+);
+
+/// The job state machine (src/state.rs) as a table: which moves are legal.
+#[pg_extern(immutable, parallel_safe)]
+fn job_transitions() -> TableIterator<
+    'static,
+    (
+        name!(from_state, String),
+        name!(to_state, String),
+        name!(to_terminal, bool),
+    ),
+> {
+    use crate::state::JobState;
+    let rows = JobState::ALL.into_iter().flat_map(|from| {
+        JobState::ALL
+            .into_iter()
+            .filter(move |&to| from.can_move_to(to))
+            .map(move |to| {
+                (
+                    from.as_str().to_string(),
+                    to.as_str().to_string(),
+                    to.is_terminal(),
+                )
+            })
+    });
+    TableIterator::new(rows.collect::<Vec<_>>())
+}

@@ -1,0 +1,118 @@
+//! Every `queue.*` setting: a private static with its doc, one `init`, public accessors.
+
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+use std::ffi::CString;
+use std::time::Duration;
+
+/// Database the launcher connects to and whose queues the executors serve.
+static DATABASE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"postgres"));
+/// Most executors (dynamic background workers) the launcher runs at once.
+static MAX_WORKERS: GucSetting<i32> = GucSetting::<i32>::new(2);
+/// Longest an idle executor sleeps before looking for work: the fallback when no wake-up came.
+static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
+/// Most jobs an executor claims, runs and completes in one transaction.
+static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(64);
+/// An executor commits its batch once it has run handlers for this long.
+static BATCH_TIME_MS: GucSetting<i32> = GucSetting::<i32>::new(50);
+/// How often the launcher runs its maintenance duties (reaping, partitions).
+static MAINTENANCE_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
+
+/// Hard upper bound for `queue.max_workers`: the size of the shared executor registry.
+pub const MAX_EXECUTORS: usize = 64;
+/// Hard upper bound for `queue.batch_size`: more subtransactions per transaction than this
+/// overflow the PGPROC subxid cache and slow every snapshot in the cluster.
+pub const MAX_BATCH: i32 = 64;
+
+pub fn init() {
+    GucRegistry::define_int_guc(
+        c"queue.max_workers",
+        c"Maximum number of pg_queue executors.",
+        c"Each executor is a background worker: keep max_worker_processes above this.",
+        &MAX_WORKERS,
+        0,
+        MAX_EXECUTORS as i32,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"queue.poll_interval",
+        c"Longest time an idle executor sleeps before checking for jobs.",
+        c"Committed enqueues wake executors at once; this is only the fallback.",
+        &POLL_INTERVAL_MS,
+        10,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"queue.batch_size",
+        c"Most jobs an executor claims and completes per transaction.",
+        c"",
+        &BATCH_SIZE,
+        1,
+        MAX_BATCH,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"queue.batch_time",
+        c"An executor commits its batch after running handlers for this long.",
+        c"",
+        &BATCH_TIME_MS,
+        1,
+        60_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"queue.maintenance_interval",
+        c"How often the launcher reaps jobs of dead executors and creates history partitions.",
+        c"",
+        &MAINTENANCE_INTERVAL_MS,
+        100,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+}
+
+/// Settings fixed at server start. Defining a PGC_POSTMASTER setting outside of
+/// shared_preload_libraries processing is a FATAL error, so this runs only then.
+pub fn init_postmaster() {
+    GucRegistry::define_string_guc(
+        c"queue.database",
+        c"Database whose queues pg_queue's workers serve.",
+        c"",
+        &DATABASE,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+}
+
+pub fn database() -> String {
+    DATABASE
+        .get()
+        .and_then(|s| s.into_string().ok())
+        .unwrap_or_else(|| "postgres".into())
+}
+
+pub fn max_workers() -> usize {
+    (MAX_WORKERS.get().max(0) as usize).min(MAX_EXECUTORS)
+}
+
+pub fn poll_interval() -> Duration {
+    Duration::from_millis(POLL_INTERVAL_MS.get().max(10) as u64)
+}
+
+pub fn batch_size() -> i32 {
+    BATCH_SIZE.get().clamp(1, MAX_BATCH)
+}
+
+pub fn batch_time() -> Duration {
+    Duration::from_millis(BATCH_TIME_MS.get().max(1) as u64)
+}
+
+pub fn maintenance_interval() -> Duration {
+    Duration::from_millis(MAINTENANCE_INTERVAL_MS.get().max(100) as u64)
+}

@@ -1,0 +1,72 @@
+//! pg_queue: job queues run by background workers inside PostgreSQL.
+//!
+//! Vocabulary, used exactly so in the code, the SQL and the docs:
+//! - **queue**: a named stream of jobs with its own settings (`queue.queues`).
+//! - **job**: one unit of work: a payload for the queue's handler (`queue.jobs` while live,
+//!   `queue.history` once terminal).
+//! - **handler**: the SQL procedure or function `handler(payload jsonb)` a queue runs.
+//! - **attempt**: one run of a job's handler; counted when the job is claimed.
+//! - **claim**: taking ready jobs (`queued`, `run_at` reached) into `running`, committed
+//!   before their handlers run, with an owner (executor) and a fresh lease token.
+//! - **lease token**: a uuid that fences every transition out of `running`: a stale owner's
+//!   completion matches no row.
+//! - **executor**: a dynamic background worker that claims jobs and runs handlers.
+//! - **launcher**: the static background worker that starts executors and runs maintenance.
+//! - **reap**: returning the jobs of an executor that died to `queued` (or `failed`).
+//!
+//! Layout: `gucs` (settings), `shmem` (executor registry and wake-ups), `state` (the job
+//! state machine), `api` (SQL functions written in Rust; the rest of the API is SQL in
+//! `sql/`), `worker` (launcher, executor, reaper, retention).
+
+use pgrx::prelude::*;
+
+mod api;
+mod gucs;
+mod shmem;
+mod state;
+mod worker;
+
+::pgrx::pg_module_magic!(name, version);
+
+extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
+extension_sql_file!(
+    "../sql/queues.sql",
+    name = "queues",
+    requires = ["schema", api::wake_executors]
+);
+extension_sql_file!(
+    "../sql/jobs.sql",
+    name = "jobs",
+    requires = ["queues", api::uuid_generate_v7, api::wake_executors]
+);
+
+/// Called in every process that loads the library. Settings that can change at run time are
+/// defined everywhere; shared memory and the launcher only when preloaded.
+#[pg_guard]
+#[allow(non_snake_case)]
+pub extern "C-unwind" fn _PG_init() {
+    gucs::init();
+    // SAFETY: read-only flag set by the postmaster while it loads preload libraries.
+    if unsafe { !pg_sys::process_shared_preload_libraries_in_progress } {
+        return;
+    }
+    gucs::init_postmaster();
+    shmem::init();
+    worker::launcher::register();
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+mod tests;
+
+/// Required by `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![
+            "shared_preload_libraries = 'pg_queue'",
+            "queue.database = 'pgrx_tests'",
+        ]
+    }
+}

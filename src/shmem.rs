@@ -1,0 +1,165 @@
+//! Shared memory: the registry of live executors, used to wake idle executors when an
+//! enqueue commits and to tell the reaper which executors are alive.
+//!
+//! Nothing here is job state: every job's state is in the tables. The registry only holds
+//! who is alive and who sleeps, and is rebuilt from nothing after a crash restart.
+
+use crate::gucs::MAX_EXECUTORS;
+use pgrx::prelude::*;
+use pgrx::{pg_shmem_init, PGRXSharedMemory, PgAtomic};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+
+/// One executor's entry. `pid == 0` means the slot is free.
+pub struct Slot {
+    pid: AtomicI32,
+    procno: AtomicI32,
+    /// Set by the executor before it looks for work and cleared by whoever wakes it, so
+    /// an enqueue wakes a sleeping executor rather than one busy with a long handler.
+    idle: AtomicBool,
+    /// The executor's life id (a uuid), recorded on the jobs it claims.
+    id_hi: AtomicU64,
+    id_lo: AtomicU64,
+}
+
+pub struct Registry {
+    slots: [Slot; MAX_EXECUTORS],
+}
+
+// SAFETY: only atomics, no pointers: valid in every process that maps the segment.
+unsafe impl PGRXSharedMemory for Registry {}
+
+impl Registry {
+    fn new() -> Self {
+        Registry {
+            slots: std::array::from_fn(|_| Slot {
+                pid: AtomicI32::new(0),
+                procno: AtomicI32::new(-1),
+                idle: AtomicBool::new(false),
+                id_hi: AtomicU64::new(0),
+                id_lo: AtomicU64::new(0),
+            }),
+        }
+    }
+}
+
+static REGISTRY: PgAtomic<Registry> = unsafe { PgAtomic::new(c"pg_queue_registry") };
+
+/// True in processes forked from a postmaster that preloaded pg_queue; without it there is
+/// no registry (the library was loaded on demand) and wake-ups fall back to polling.
+static ATTACHED: AtomicBool = AtomicBool::new(false);
+
+pub fn init() {
+    pg_shmem_init!(REGISTRY = Registry::new());
+    ATTACHED.store(true, Ordering::Relaxed);
+}
+
+fn registry() -> Option<&'static Registry> {
+    ATTACHED.load(Ordering::Relaxed).then(|| REGISTRY.get())
+}
+
+/// Records the calling executor in `slot`. Returns false when the registry is missing or
+/// the slot index is out of range.
+pub fn register_executor(slot: usize, id: uuid::Uuid) -> bool {
+    let Some(slot) = registry().and_then(|r| r.slots.get(slot)) else {
+        return false;
+    };
+    let (hi, lo) = id.as_u64_pair();
+    slot.id_hi.store(hi, Ordering::Relaxed);
+    slot.id_lo.store(lo, Ordering::Relaxed);
+    // SAFETY: MyProc is set for every backend and background worker after InitProcess.
+    let procno = unsafe { (*pg_sys::MyProc).pgprocno };
+    slot.procno.store(procno, Ordering::Relaxed);
+    slot.idle.store(false, Ordering::Relaxed);
+    // SAFETY: MyProcPid is set at process start and never changes.
+    slot.pid
+        .store(unsafe { pg_sys::MyProcPid }, Ordering::Release);
+    true
+}
+
+/// Frees `slot` if it still belongs to `pid` (the executor at exit, or the launcher once it
+/// saw the executor stop).
+pub fn release_executor(slot: usize, pid: i32) {
+    if let Some(s) = registry().and_then(|r| r.slots.get(slot)) {
+        let _ = s
+            .pid
+            .compare_exchange(pid, 0, Ordering::AcqRel, Ordering::Relaxed);
+    }
+}
+
+/// Marks the executor in `slot` as about to look for work (true) or busy (false).
+pub fn set_idle(slot: usize, idle: bool) {
+    if let Some(s) = registry().and_then(|r| r.slots.get(slot)) {
+        s.idle.store(idle, Ordering::SeqCst);
+    }
+}
+
+/// Life ids of every registered executor.
+pub fn live_executor_ids() -> Vec<uuid::Uuid> {
+    let Some(r) = registry() else {
+        return Vec::new();
+    };
+    r.slots
+        .iter()
+        .filter(|s| s.pid.load(Ordering::Acquire) != 0)
+        .map(|s| {
+            uuid::Uuid::from_u64_pair(
+                s.id_hi.load(Ordering::Relaxed),
+                s.id_lo.load(Ordering::Relaxed),
+            )
+        })
+        .collect()
+}
+
+/// Sets the latch of up to `n` idle executors. Called after the enqueueing transaction
+/// committed, so that the woken executors' next snapshot sees the jobs.
+pub fn wake_idle_executors(n: usize) {
+    let Some(r) = registry() else {
+        return;
+    };
+    let mut woken = 0;
+    for s in r.slots.iter() {
+        if woken >= n {
+            break;
+        }
+        if s.pid.load(Ordering::Acquire) == 0 {
+            continue;
+        }
+        if s.idle
+            .compare_exchange(true, false, Ordering::SeqCst, Ordering::Relaxed)
+            .is_ok()
+        {
+            let procno = s.procno.load(Ordering::Relaxed);
+            if procno >= 0 {
+                // SAFETY: procno indexes ProcGlobal->allProcs; a stale one only sets the
+                // latch of another process, which then wakes up for nothing.
+                unsafe { pg_sys::ProcSendSignal(procno) };
+            }
+            woken += 1;
+        }
+    }
+}
+
+/// Registry slots in use: (slot, pid).
+pub fn occupied_slots() -> Vec<(usize, i32)> {
+    let Some(r) = registry() else {
+        return Vec::new();
+    };
+    r.slots
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| {
+            let pid = s.pid.load(Ordering::Acquire);
+            (pid != 0).then_some((i, pid))
+        })
+        .collect()
+}
+
+/// Marks `slot` as taken by a just-started executor before it registers itself, so the
+/// launcher does not start a second one there.
+pub fn reserve_slot(slot: usize, pid: i32) {
+    if let Some(s) = registry().and_then(|r| r.slots.get(slot)) {
+        let _ = s
+            .pid
+            .compare_exchange(0, pid, Ordering::AcqRel, Ordering::Relaxed);
+    }
+}

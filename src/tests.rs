@@ -1,0 +1,423 @@
+//! In-database tests of the SQL API (`cargo pgrx test`). Each runs in a transaction that is
+//! rolled back, so workers never see these jobs: worker behaviour is tested by the
+//! real-cluster suite in pgrx-tests/.
+
+use pgrx::prelude::*;
+
+// Test helpers, installed only in the pg_test build of the extension.
+extension_sql!(
+    r#"
+CREATE SCHEMA IF NOT EXISTS tests;
+-- sqlstate_of: runs a statement; returns the SQLSTATE it raised, or NULL. Its effects are
+-- rolled back either way (EXCEPTION blocks are subtransactions).
+CREATE FUNCTION tests.sqlstate_of(stmt text) RETURNS text LANGUAGE plpgsql AS $$
+BEGIN
+    EXECUTE stmt;
+    RAISE EXCEPTION 'no error' USING ERRCODE = 'P0004';
+EXCEPTION WHEN OTHERS THEN
+    RETURN nullif(SQLSTATE, 'P0004');
+END
+$$;
+CREATE PROCEDURE tests.noop(payload jsonb) LANGUAGE plpgsql AS $$ BEGIN END $$;
+CREATE FUNCTION tests.two_args(payload jsonb, x int) RETURNS void LANGUAGE sql AS $$ SELECT $$;
+CREATE FUNCTION tests.text_arg(payload text) RETURNS void LANGUAGE sql AS $$ SELECT $$;
+"#,
+    name = "test_helpers",
+    finalize
+);
+
+#[pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    fn one<T: IntoDatum + FromDatum>(sql: &str) -> Option<T> {
+        Spi::get_one::<T>(sql).expect("query failed")
+    }
+
+    fn sqlstate(stmt: &str) -> Option<String> {
+        one::<String>(&format!(
+            "SELECT tests.sqlstate_of({})",
+            pgrx::spi::quote_literal(stmt)
+        ))
+    }
+
+    fn create(name: &str) {
+        Spi::run(&format!(
+            "SELECT queue.create_queue({}, 'tests.noop(jsonb)')",
+            pgrx::spi::quote_literal(name)
+        ))
+        .expect("create_queue");
+    }
+
+    fn count(sql: &str) -> i64 {
+        one::<i64>(sql).unwrap_or(-1)
+    }
+
+    #[pg_test]
+    fn create_queue_applies_defaults() {
+        create("defaults");
+        let row = Spi::get_three::<String, i32, i32>(
+            "SELECT handler || ' ' || owner::text || ' ' || timeout::text || ' ' || retention::text,
+                    concurrency, max_attempts
+               FROM queue.queues WHERE name = 'defaults'",
+        )
+        .unwrap();
+        let who = one::<String>("SELECT current_user::text").unwrap();
+        assert_eq!(
+            row.0.unwrap(),
+            format!("tests.noop(jsonb) {who} 00:05:00 7 days")
+        );
+        assert_eq!((row.1, row.2), (Some(10), Some(5)));
+        assert_eq!(
+            one::<bool>("SELECT paused FROM queue.queues WHERE name = 'defaults'"),
+            Some(false)
+        );
+    }
+
+    #[pg_test]
+    fn create_queue_rejects_bad_input_with_sqlstates() {
+        create("dup");
+        let cases = [
+            ("SELECT queue.create_queue(NULL, 'tests.noop(jsonb)')", "22023"),
+            ("SELECT queue.create_queue('has space', 'tests.noop(jsonb)')", "22023"),
+            ("SELECT queue.create_queue('', 'tests.noop(jsonb)')", "22023"),
+            ("SELECT queue.create_queue('dup', 'tests.noop(jsonb)')", "42710"),
+            ("SELECT queue.create_queue('x')", "22023"),
+            ("SELECT queue.create_queue('x', 'tests.noop(jsonb)', notify => true)", "22023"),
+            ("SELECT queue.create_queue('x', 'tests.two_args(jsonb, int)')", "22023"),
+            ("SELECT queue.create_queue('x', 'tests.text_arg(text)')", "22023"),
+            ("SELECT queue.create_queue('x', 'tests.missing(jsonb)')", "42883"),
+            ("SELECT queue.create_queue('x', 'tests.noop(jsonb)', concurrency => 0)", "22023"),
+            ("SELECT queue.create_queue('x', 'tests.noop(jsonb)', concurrency => NULL)", "22023"),
+            ("SELECT queue.create_queue('x', 'tests.noop(jsonb)', max_attempts => -1)", "22023"),
+            ("SELECT queue.create_queue('x', 'tests.noop(jsonb)', timeout => '0')", "22023"),
+            ("SELECT queue.create_queue('x', 'tests.noop(jsonb)', timeout => '-1 s')", "22023"),
+            ("SELECT queue.create_queue('x', 'tests.noop(jsonb)', backoff_base => '-1 s')", "22023"),
+            ("SELECT queue.create_queue('x', 'tests.noop(jsonb)', backoff_base => '1 min', backoff_max => '1 s')", "22023"),
+            ("SELECT queue.create_queue('x', 'tests.noop(jsonb)', retention => '0')", "22023"),
+        ];
+        for (stmt, want) in cases {
+            assert_eq!(sqlstate(stmt).as_deref(), Some(want), "{stmt}");
+        }
+        // Nothing was created by the failed calls.
+        assert_eq!(
+            count("SELECT count(*) FROM queue.queues WHERE name <> 'dup'"),
+            0
+        );
+    }
+
+    #[pg_test]
+    fn create_queue_accepts_functions_and_notify_queues() {
+        Spi::run("CREATE FUNCTION tests.f(payload jsonb) RETURNS jsonb LANGUAGE sql AS $$ SELECT payload $$")
+            .unwrap();
+        Spi::run("SELECT queue.create_queue('fn', 'tests.f(jsonb)')").unwrap();
+        Spi::run("SELECT queue.create_queue('ext', notify => true)").unwrap();
+        assert_eq!(
+            count("SELECT count(*) FROM queue.queues WHERE name IN ('fn', 'ext')"),
+            2
+        );
+    }
+
+    #[pg_test]
+    fn enqueue_defaults_and_status() {
+        create("eq");
+        Spi::run("SELECT queue.alter_queue('eq', max_attempts => 7)").unwrap();
+        let id = one::<pgrx::Uuid>("SELECT queue.enqueue('eq', '{\"a\": 1}')").unwrap();
+        let q = format!("SELECT {{}} FROM queue.status('{id}')");
+        let get = |col: &str| one::<String>(&q.replace("{}", col));
+        assert_eq!(get("state::text").as_deref(), Some("queued"));
+        assert_eq!(get("scheduled::text").as_deref(), Some("false"));
+        assert_eq!(
+            get("attempts || '/' || max_attempts").as_deref(),
+            Some("0/7")
+        );
+        assert_eq!(get("payload::text").as_deref(), Some("{\"a\": 1}"));
+        assert_eq!(get("(run_at = now())::text").as_deref(), Some("true"));
+        assert_eq!(get("queue").as_deref(), Some("eq"));
+        // The id is a UUIDv7 carrying its creation time.
+        assert_eq!(
+            one::<bool>(&format!(
+                "SELECT abs(extract(epoch FROM queue.uuid_time('{id}') - clock_timestamp())) < 60"
+            )),
+            Some(true)
+        );
+    }
+
+    #[pg_test]
+    fn enqueue_options() {
+        create("opts");
+        let id = one::<pgrx::Uuid>(
+            "SELECT queue.enqueue('opts', '{}', run_at => now() + interval '1 hour',
+                                  priority => -5, max_attempts => 2, timeout => '3 s')",
+        )
+        .unwrap();
+        let row = one::<String>(&format!(
+            "SELECT scheduled || ' ' || priority || ' ' || max_attempts
+               FROM queue.status('{id}')"
+        ));
+        assert_eq!(row.as_deref(), Some("true -5 2"));
+        assert_eq!(
+            one::<String>(&format!(
+                "SELECT timeout::text FROM queue.jobs WHERE id = '{id}'"
+            ))
+            .as_deref(),
+            Some("00:00:03")
+        );
+    }
+
+    #[pg_test]
+    fn enqueue_rejects_bad_input_and_changes_nothing() {
+        create("bad");
+        let cases = [
+            ("SELECT queue.enqueue('nope', '{}')", "42704"),
+            ("SELECT queue.enqueue(NULL, '{}')", "22004"),
+            ("SELECT queue.enqueue('bad', NULL)", "22004"),
+            (
+                "SELECT queue.enqueue('bad', '{}', priority => NULL)",
+                "22004",
+            ),
+            (
+                "SELECT queue.enqueue('bad', '{}', max_attempts => 0)",
+                "22023",
+            ),
+            (
+                "SELECT queue.enqueue('bad', '{}', timeout => '-1 s')",
+                "22023",
+            ),
+            ("SELECT queue.enqueue('bad', 'not json')", "22P02"),
+            (
+                "SELECT queue.enqueue_many('nope', ARRAY['{}'::jsonb])",
+                "42704",
+            ),
+            ("SELECT queue.enqueue_many('bad', NULL)", "22004"),
+            (
+                "SELECT queue.enqueue_many('bad', ARRAY['{}'::jsonb, NULL])",
+                "22004",
+            ),
+            (
+                "SELECT queue.enqueue_many('bad', ARRAY['{}'::jsonb], max_attempts => 0)",
+                "22023",
+            ),
+        ];
+        for (stmt, want) in cases {
+            assert_eq!(sqlstate(stmt).as_deref(), Some(want), "{stmt}");
+        }
+        assert_eq!(count("SELECT count(*) FROM queue.jobs"), 0);
+    }
+
+    #[pg_test]
+    fn enqueue_many_returns_ids_in_payload_order() {
+        create("many");
+        let ids = one::<Vec<pgrx::Uuid>>(
+            "SELECT array_agg(id) FROM queue.enqueue_many('many',
+                 ARRAY(SELECT jsonb_build_object('n', i) FROM generate_series(1, 100) i)) id",
+        )
+        .unwrap();
+        assert_eq!(ids.len(), 100);
+        let in_order = one::<bool>(
+            "SELECT bool_and((payload ->> 'n')::int = ord)
+               FROM (SELECT j.payload, row_number() OVER (ORDER BY j.id) AS ord
+                       FROM queue.jobs j WHERE queue = 'many') s",
+        );
+        assert_eq!(in_order, Some(true));
+        assert_eq!(
+            count("SELECT count(*) FROM queue.enqueue_many('many', '{}'::jsonb[])"),
+            0
+        );
+    }
+
+    #[pg_test]
+    fn cancel_moves_queued_jobs_to_history() {
+        create("c");
+        let id = one::<pgrx::Uuid>("SELECT queue.enqueue('c')").unwrap();
+        assert_eq!(
+            one::<bool>(&format!("SELECT queue.cancel('{id}')")),
+            Some(true)
+        );
+        assert_eq!(
+            one::<String>(&format!("SELECT state::text FROM queue.status('{id}')")).as_deref(),
+            Some("cancelled")
+        );
+        assert_eq!(count("SELECT count(*) FROM queue.jobs"), 0);
+        assert_eq!(
+            one::<bool>(&format!("SELECT queue.cancel('{id}')")),
+            Some(false)
+        );
+        assert_eq!(
+            sqlstate("SELECT queue.cancel('018f0000-0000-7000-8000-000000000000')").as_deref(),
+            Some("42704")
+        );
+        assert_eq!(
+            sqlstate("SELECT queue.cancel(NULL)").as_deref(),
+            Some("22004")
+        );
+    }
+
+    #[pg_test]
+    fn retry_requeues_cancelled_jobs() {
+        create("r");
+        let id = one::<pgrx::Uuid>("SELECT queue.enqueue('r')").unwrap();
+        assert_eq!(
+            one::<bool>(&format!("SELECT queue.retry('{id}')")),
+            Some(false)
+        ); // live
+        Spi::run(&format!("SELECT queue.cancel('{id}')")).unwrap();
+        assert_eq!(
+            one::<bool>(&format!("SELECT queue.retry('{id}')")),
+            Some(true)
+        );
+        assert_eq!(
+            one::<String>(&format!(
+                "SELECT state || ' ' || attempts FROM queue.status('{id}')"
+            ))
+            .as_deref(),
+            Some("queued 0")
+        );
+        assert_eq!(
+            count(&format!(
+                "SELECT count(*) FROM queue.history WHERE id = '{id}'"
+            )),
+            0
+        );
+        assert_eq!(
+            sqlstate("SELECT queue.retry('018f0000-0000-7000-8000-000000000000')").as_deref(),
+            Some("42704")
+        );
+    }
+
+    #[pg_test]
+    fn status_of_unknown_job_is_no_row() {
+        assert_eq!(
+            count("SELECT count(*) FROM queue.status('018f0000-0000-7000-8000-000000000000')"),
+            0
+        );
+    }
+
+    #[pg_test]
+    fn pause_resume_alter_drop() {
+        create("adm");
+        Spi::run("SELECT queue.pause('adm')").unwrap();
+        assert_eq!(
+            one::<bool>("SELECT paused FROM queue.queues WHERE name = 'adm'"),
+            Some(true)
+        );
+        Spi::run("SELECT queue.resume('adm')").unwrap();
+        assert_eq!(
+            one::<bool>("SELECT paused FROM queue.queues WHERE name = 'adm'"),
+            Some(false)
+        );
+        Spi::run("SELECT queue.alter_queue('adm', concurrency => 3, timeout => '1 min')").unwrap();
+        assert_eq!(
+            one::<String>(
+                "SELECT concurrency || ' ' || timeout FROM queue.queues WHERE name = 'adm'"
+            )
+            .as_deref(),
+            Some("3 00:01:00")
+        );
+        let cases = [
+            ("SELECT queue.pause('nope')", "42704"),
+            ("SELECT queue.resume('nope')", "42704"),
+            ("SELECT queue.pause(NULL)", "22004"),
+            (
+                "SELECT queue.alter_queue('nope', concurrency => 1)",
+                "42704",
+            ),
+            ("SELECT queue.alter_queue('adm', concurrency => 0)", "22023"),
+            (
+                "SELECT queue.alter_queue('adm', handler => 'tests.text_arg(text)')",
+                "22023",
+            ),
+            ("SELECT queue.drop_queue('nope')", "42704"),
+        ];
+        for (stmt, want) in cases {
+            assert_eq!(sqlstate(stmt).as_deref(), Some(want), "{stmt}");
+        }
+        assert_eq!(
+            one::<i32>("SELECT concurrency FROM queue.queues WHERE name = 'adm'"),
+            Some(3)
+        );
+
+        Spi::run("SELECT queue.enqueue('adm')").unwrap();
+        assert_eq!(
+            sqlstate("SELECT queue.drop_queue('adm')").as_deref(),
+            Some("55006")
+        );
+        Spi::run("SELECT queue.drop_queue('adm', force => true)").unwrap();
+        assert_eq!(
+            count("SELECT count(*) FROM queue.queues WHERE name = 'adm'"),
+            0
+        );
+        assert_eq!(
+            count("SELECT count(*) FROM queue.history WHERE queue = 'adm' AND state = 'cancelled'"),
+            1
+        );
+    }
+
+    #[pg_test]
+    fn backoff_is_exponential_jittered_and_capped() {
+        let within = |attempt: i32, lo: f64, hi: f64| {
+            one::<bool>(&format!(
+                "SELECT bool_and(d BETWEEN interval '{lo} s' AND interval '{hi} s')
+                   FROM (SELECT queue.backoff('1 s', '1 h', {attempt}) d FROM generate_series(1, 200)) s"
+            ))
+        };
+        assert_eq!(within(1, 0.5, 1.0), Some(true));
+        assert_eq!(within(4, 4.0, 8.0), Some(true));
+        assert_eq!(within(40, 1800.0, 3600.0), Some(true));
+    }
+
+    #[pg_test]
+    fn uuid_v7_ids_increase() {
+        assert_eq!(
+            one::<bool>(
+                "SELECT bool_and(a < b) FROM (
+                   SELECT id AS a, lead(id) OVER (ORDER BY n) AS b
+                     FROM (SELECT n, queue.uuid_generate_v7() id FROM generate_series(1, 1000) n) s) t
+                  WHERE b IS NOT NULL"
+            ),
+            Some(true)
+        );
+    }
+
+    #[pg_test]
+    fn state_machine_and_table_invariants() {
+        assert_eq!(count("SELECT count(*) FROM queue.job_transitions()"), 10);
+        assert_eq!(
+            count("SELECT count(*) FROM queue.job_transitions() WHERE from_state = 'succeeded'"),
+            0
+        );
+        create("inv");
+        // The CHECK constraints hold even against direct writes.
+        let cases = [
+            "INSERT INTO queue.jobs (id, queue, state, payload, run_at, max_attempts, created_at)
+             VALUES (gen_random_uuid(), 'inv', 'succeeded', '{}', now(), 1, now())",
+            "INSERT INTO queue.jobs (id, queue, state, payload, run_at, max_attempts, created_at)
+             VALUES (gen_random_uuid(), 'inv', 'running', '{}', now(), 1, now())",
+            "INSERT INTO queue.jobs (id, queue, state, payload, run_at, attempts, max_attempts, created_at)
+             VALUES (gen_random_uuid(), 'inv', 'queued', '{}', now(), 2, 1, now())",
+        ];
+        for stmt in cases {
+            assert_eq!(sqlstate(stmt).as_deref(), Some("23514"), "{stmt}");
+        }
+    }
+
+    #[pg_test]
+    fn current_job_is_empty_outside_handlers() {
+        assert_eq!(count("SELECT count(*) FROM queue.current_job()"), 0);
+    }
+
+    #[pg_test]
+    fn history_partitions_exist_ahead() {
+        assert!(
+            count(
+                "SELECT count(*) FROM pg_inherits
+                  WHERE inhparent = 'queue.history'::regclass
+                    AND inhrelid::regclass::text LIKE 'queue.history_2%'"
+            ) >= 4
+        );
+        assert_eq!(
+            sqlstate("SELECT queue.create_history_partitions(-1)").as_deref(),
+            Some("22023")
+        );
+    }
+}

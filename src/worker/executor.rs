@@ -1,0 +1,589 @@
+//! Executor: a dynamic background worker that claims ready jobs and runs their handlers.
+//!
+//! One transaction per batch: run the handlers of the jobs claimed in the previous
+//! transaction, each in its own subtransaction, as the queue owner, under the job's
+//! timeout; record every outcome in one statement; claim the next batch; commit. So a
+//! handler's writes commit together with its job's completion (exactly-once effects), and
+//! a claim is committed (`running`, attempt counted, owner recorded) before its handler
+//! runs: a crash leaves the job `running` under a dead owner, and the reaper recovers it.
+
+use super::{transaction, SqlError};
+use crate::{gucs, shmem};
+use pgrx::bgworkers::BackgroundWorker;
+use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+/// The job a handler is running, for `queue.current_job()`.
+#[derive(Clone)]
+pub struct CurrentJob {
+    pub id: uuid::Uuid,
+    pub queue: String,
+    pub attempt: i32,
+    pub max_attempts: i32,
+    pub payload: String,
+}
+
+thread_local! {
+    static CURRENT_JOB: RefCell<Option<CurrentJob>> = const { RefCell::new(None) };
+}
+
+pub fn current_job() -> Option<CurrentJob> {
+    CURRENT_JOB.with_borrow(|j| j.clone())
+}
+
+/// How a queue's handler is called, read from `queue.queues` and `pg_proc` at claim time.
+#[derive(Clone)]
+struct Handler {
+    /// `CALL s.p($1::jsonb)`, `SELECT s.f($1::jsonb)::text` (jsonb result kept) or
+    /// `SELECT s.f($1::jsonb)`; None when the handler no longer exists.
+    call_sql: Option<String>,
+    keeps_result: bool,
+    owner: pg_sys::Oid,
+}
+
+/// A job claimed by this executor and not yet recorded.
+struct Claimed {
+    id: pgrx::Uuid,
+    lease_token: pgrx::Uuid,
+    queue: String,
+    attempt: i32,
+    max_attempts: i32,
+    payload: String,
+    timeout_ms: i32,
+    handler: Handler,
+}
+
+/// What running a job produced; becomes one row of the record statement.
+struct Outcome {
+    id: pgrx::Uuid,
+    lease_token: pgrx::Uuid,
+    /// `succeeded`, `queued` (retry later) or `failed`.
+    state: crate::state::JobState,
+    result: Option<String>,
+    error: Option<String>,
+}
+
+/// This executor's life: its registry slot, identity and the jobs it holds.
+struct Executor {
+    slot: usize,
+    id: pgrx::Uuid,
+    claimed: VecDeque<Claimed>,
+    /// Jobs to claim next: grows while batches finish within `queue.batch_time`.
+    batch: i32,
+    /// Round-robin offset over queues with ready jobs.
+    turn: usize,
+}
+
+/// Entry point, started by the launcher: argument = registry slot, extra = database oid.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn pg_queue_executor_main(arg: pg_sys::Datum) {
+    super::attach_signal_handlers();
+    let slot = arg.value();
+    let dboid: u32 = BackgroundWorker::get_extra().parse().unwrap_or(0);
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(dboid)), None);
+    super::report_appname(c"pg_queue executor");
+
+    let id = uuid::Uuid::new_v4();
+    if !shmem::register_executor(slot, id) {
+        log!("pg_queue executor: no registry slot {slot}; exiting");
+        return;
+    }
+    // SAFETY: runs at process exit (also after FATAL); frees our slot so the reaper sees
+    // us gone and the launcher may start a replacement.
+    unsafe { pg_sys::on_shmem_exit(Some(release_slot), pg_sys::Datum::from(slot)) };
+    log!("pg_queue executor started (slot {slot}, id {id})");
+
+    let mut ex = Executor {
+        slot,
+        id: pgrx::Uuid::from_bytes(*id.as_bytes()),
+        claimed: VecDeque::new(),
+        batch: 1,
+        turn: slot,
+    };
+    loop {
+        super::reload_config_if_asked();
+        let sleep = ex.tick();
+        if let Some(timeout) = sleep {
+            super::report_activity("idle", false);
+            if !BackgroundWorker::wait_latch(Some(timeout)) {
+                break; // postmaster died
+            }
+        }
+        pg_sys::check_for_interrupts!();
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn release_slot(_code: std::ffi::c_int, arg: pg_sys::Datum) {
+    // SAFETY: MyProcPid is this process's pid.
+    shmem::release_executor(arg.value(), unsafe { pg_sys::MyProcPid });
+}
+
+impl Executor {
+    /// One batch. Returns how long to sleep, or None to go on at once.
+    fn tick(&mut self) -> Option<Duration> {
+        if self.claimed.is_empty() {
+            // Before the claim's snapshot: an enqueue committing after it wakes us.
+            shmem::set_idle(self.slot, true);
+        }
+        let started = Instant::now();
+        let claimed = std::mem::take(&mut self.claimed);
+        let (id, batch, turn) = (self.id, self.batch, self.turn);
+        let result = transaction(move || {
+            Spi::connect_mut(|client| run_batch(client, claimed, id, batch, turn))
+        });
+        match result {
+            Ok(Ok(BatchReport {
+                leftover,
+                claimed,
+                next_ready_in,
+            })) => {
+                let finished_in_time =
+                    leftover.is_empty() && started.elapsed() < gucs::batch_time();
+                self.batch = if finished_in_time {
+                    (self.batch * 2).min(gucs::batch_size())
+                } else {
+                    (self.batch / 2).max(1)
+                };
+                self.turn = self.turn.wrapping_add(1);
+                let worked = !leftover.is_empty() || !claimed.is_empty();
+                self.claimed = leftover;
+                self.claimed.extend(claimed);
+                if worked {
+                    shmem::set_idle(self.slot, false);
+                    None
+                } else {
+                    Some(
+                        next_ready_in
+                            .map_or(gucs::poll_interval(), |d| d.min(gucs::poll_interval())),
+                    )
+                }
+            }
+            Ok(Err(e)) | Err(e) => {
+                // Our own bookkeeping failed (not a handler: those are caught per job). The
+                // batch rolled back; hand its jobs to the reaper's rules right away.
+                log!("pg_queue executor: batch failed: {e}; releasing its jobs");
+                self.release_jobs(&e);
+                if !extension_exists() {
+                    log!("pg_queue executor: extension pg_queue is gone; exiting");
+                    // SAFETY: a clean exit; the launcher starts executors again when needed.
+                    unsafe { pg_sys::proc_exit(0) };
+                }
+                Some(gucs::poll_interval())
+            }
+        }
+    }
+
+    /// After a failed batch: the jobs this executor holds go back to queued (or failed),
+    /// counted as a failed attempt, as if it had died.
+    fn release_jobs(&mut self, e: &SqlError) {
+        self.claimed.clear();
+        let id = self.id;
+        let msg = format!("executor batch failed: {}", e.message);
+        let r = transaction(move || super::maintenance::reap(&[], Some(id), None, &msg));
+        if let Err(e2) = r.and_then(|r| r) {
+            log!("pg_queue executor: could not release jobs: {e2}; exiting so the reaper does");
+            // SAFETY: exit code 1: the slot is freed and the launcher starts a new executor.
+            unsafe { pg_sys::proc_exit(1) };
+        }
+    }
+}
+
+struct BatchReport {
+    leftover: VecDeque<Claimed>,
+    claimed: VecDeque<Claimed>,
+    next_ready_in: Option<Duration>,
+}
+
+/// The body of one batch transaction.
+fn run_batch(
+    client: &mut SpiClient<'_>,
+    mut claimed: VecDeque<Claimed>,
+    executor_id: pgrx::Uuid,
+    batch: i32,
+    turn: usize,
+) -> Result<BatchReport, SqlError> {
+    let started = Instant::now();
+    let mut outcomes = Vec::with_capacity(claimed.len());
+    if !claimed.is_empty() {
+        let owned = lock_owned(client, &claimed)?;
+        while let Some(job) = claimed.pop_front() {
+            if !owned.contains(&job.id) {
+                // Reaped or cancelled meanwhile: not ours to run any more.
+                continue;
+            }
+            outcomes.push(run_job(&job));
+            if started.elapsed() >= gucs::batch_time() {
+                break;
+            }
+        }
+        record(client, &outcomes)?;
+    }
+    let mut report = BatchReport {
+        leftover: claimed,
+        claimed: VecDeque::new(),
+        next_ready_in: None,
+    };
+    if report.leftover.is_empty() {
+        report.claimed = claim(client, executor_id, batch, turn)?;
+        if report.claimed.is_empty() && outcomes.is_empty() {
+            report.next_ready_in = next_ready_in(client)?;
+        }
+    }
+    Ok(report)
+}
+
+fn spi_err(e: pgrx::spi::SpiError) -> SqlError {
+    SqlError::internal(format!("SPI: {e}"))
+}
+
+/// Locks the claimed jobs we still own, so nothing else (reaper, forced drop) moves them
+/// while their handlers run. Returns their ids.
+fn lock_owned(
+    client: &mut SpiClient<'_>,
+    claimed: &VecDeque<Claimed>,
+) -> Result<Vec<pgrx::Uuid>, SqlError> {
+    let ids: Vec<pgrx::Uuid> = claimed.iter().map(|c| c.id).collect();
+    let tokens: Vec<pgrx::Uuid> = claimed.iter().map(|c| c.lease_token).collect();
+    let rows = client
+        .update(
+            "SELECT j.id FROM queue.jobs j
+               JOIN unnest($1::uuid[], $2::uuid[]) AS c(id, token) ON j.id = c.id
+              WHERE j.state = 'running' AND j.lease_token = c.token
+              FOR NO KEY UPDATE OF j",
+            None,
+            &[ids.into(), tokens.into()],
+        )
+        .map_err(spi_err)?;
+    let mut owned = Vec::with_capacity(rows.len());
+    for row in rows {
+        if let Some(id) = row.get::<pgrx::Uuid>(1).map_err(spi_err)? {
+            owned.push(id);
+        }
+    }
+    Ok(owned)
+}
+
+/// Runs one job's handler in a subtransaction and says what became of it.
+fn run_job(job: &Claimed) -> Outcome {
+    let id = uuid::Uuid::from_bytes(*job.id.as_bytes());
+    CURRENT_JOB.set(Some(CurrentJob {
+        id,
+        queue: job.queue.clone(),
+        attempt: job.attempt,
+        max_attempts: job.max_attempts,
+        payload: job.payload.clone(),
+    }));
+    super::report_activity(
+        &format!(
+            "pg_queue: queue {} job {id} attempt {}/{}",
+            job.queue, job.attempt, job.max_attempts
+        ),
+        true,
+    );
+    let result = match &job.handler.call_sql {
+        None => Err(SqlError {
+            sqlstate: "42883".into(),
+            message: format!("handler of queue \"{}\" does not exist", job.queue),
+            detail: None,
+            hint: Some("Fix it with queue.alter_queue(name, handler => ...).".into()),
+        }),
+        Some(sql) => call_handler(sql, job),
+    };
+    CURRENT_JOB.set(None);
+    match result {
+        Ok(result) => Outcome {
+            id: job.id,
+            lease_token: job.lease_token,
+            state: crate::state::JobState::Succeeded,
+            result,
+            error: None,
+        },
+        Err(e) => {
+            let retry = job.attempt < job.max_attempts;
+            log!(
+                "pg_queue: job {id} (queue {}, attempt {}/{}) failed: {e}{}",
+                job.queue,
+                job.attempt,
+                job.max_attempts,
+                if retry {
+                    "; will retry"
+                } else {
+                    "; no attempts left"
+                }
+            );
+            Outcome {
+                id: job.id,
+                lease_token: job.lease_token,
+                state: if retry {
+                    crate::state::JobState::Queued
+                } else {
+                    crate::state::JobState::Failed
+                },
+                result: None,
+                error: Some(error_json(&e, job.attempt)),
+            }
+        }
+    }
+}
+
+/// Calls the handler as the queue owner, under the job's timeout, in a subtransaction.
+fn call_handler(sql: &str, job: &Claimed) -> Result<Option<String>, SqlError> {
+    let owner = job.handler.owner;
+    let keeps_result = job.handler.keeps_result;
+    let timeout_ms = job.timeout_ms;
+    let payload = job.payload.as_str();
+    let r = super::subtransaction(move || {
+        // The subtransaction's abort restores the user on error; success restores below.
+        let (mut user, mut sec) = (pg_sys::Oid::INVALID, 0);
+        // SAFETY: plain reads/writes of this backend's user id and security context.
+        unsafe {
+            pg_sys::GetUserIdAndSecContext(&mut user, &mut sec);
+            pg_sys::SetUserIdAndSecContext(
+                owner,
+                sec | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
+            );
+        }
+        super::arm_statement_timeout(timeout_ms);
+        let r = if keeps_result {
+            Spi::get_one_with_args::<String>(sql, &[payload.into()])
+        } else {
+            Spi::run_with_args(sql, &[payload.into()]).map(|_| None)
+        };
+        super::disarm_statement_timeout();
+        // SAFETY: as above.
+        unsafe { pg_sys::SetUserIdAndSecContext(user, sec) };
+        r
+    });
+    super::disarm_statement_timeout();
+    match r {
+        Ok(Ok(result)) => Ok(result),
+        Ok(Err(e)) => Err(SqlError::internal(format!("SPI: {e}"))),
+        Err(e) => Err(e),
+    }
+}
+
+/// One element of a job's `errors` array (the database adds the time).
+fn error_json(e: &SqlError, attempt: i32) -> String {
+    let mut o = serde_json::Map::new();
+    o.insert("attempt".into(), attempt.into());
+    o.insert("sqlstate".into(), e.sqlstate.clone().into());
+    o.insert("message".into(), e.message.clone().into());
+    if let Some(d) = &e.detail {
+        o.insert("detail".into(), d.clone().into());
+    }
+    if let Some(h) = &e.hint {
+        o.insert("hint".into(), h.clone().into());
+    }
+    // SAFETY: MyProcPid is this process's pid.
+    o.insert("worker_pid".into(), unsafe { pg_sys::MyProcPid }.into());
+    serde_json::Value::Object(o).to_string()
+}
+
+/// Records the outcomes of a batch in one statement, fenced on each job's lease token:
+/// succeeded and failed jobs move to history, retries go back to queued with backoff.
+const RECORD_SQL: &str = "
+WITH o AS (
+    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[]::queue.job_state[], $4::text[]::jsonb[],
+                         $5::text[]::jsonb[])
+             AS o(id, token, state, result, error)
+), retried AS (
+    UPDATE queue.jobs j
+       SET state = 'queued', started_at = NULL, worker_pid = NULL, worker_id = NULL,
+           lease_token = NULL,
+           errors = j.errors || (o.error || jsonb_build_object('at', clock_timestamp())),
+           run_at = clock_timestamp() + coalesce(
+               (SELECT queue.backoff(q.backoff_base, q.backoff_max, j.attempts)
+                  FROM queue.queues q WHERE q.name = j.queue), interval '0')
+      FROM o
+     WHERE o.state = 'queued' AND j.id = o.id AND j.state = 'running' AND j.lease_token = o.token
+), finished AS (
+    DELETE FROM queue.jobs j USING o
+     WHERE o.state <> 'queued' AND j.id = o.id AND j.state = 'running' AND j.lease_token = o.token
+    RETURNING j.*, o.state AS new_state, o.result AS new_result, o.error AS new_error
+)
+INSERT INTO queue.history (id, queue, state, payload, priority, run_at, attempts, max_attempts,
+                           timeout, created_at, started_at, finished_at, worker_pid, result, errors)
+SELECT id, queue, new_state, payload, priority, run_at, attempts, max_attempts, timeout,
+       created_at, started_at, clock_timestamp(), worker_pid, new_result,
+       CASE WHEN new_error IS NULL THEN errors
+            ELSE errors || (new_error || jsonb_build_object('at', clock_timestamp())) END
+  FROM finished";
+
+fn record(client: &mut SpiClient<'_>, outcomes: &[Outcome]) -> Result<(), SqlError> {
+    if outcomes.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<pgrx::Uuid> = outcomes.iter().map(|o| o.id).collect();
+    let tokens: Vec<pgrx::Uuid> = outcomes.iter().map(|o| o.lease_token).collect();
+    let states: Vec<&str> = outcomes.iter().map(|o| o.state.as_str()).collect();
+    let results: Vec<Option<&str>> = outcomes.iter().map(|o| o.result.as_deref()).collect();
+    let errors: Vec<Option<&str>> = outcomes.iter().map(|o| o.error.as_deref()).collect();
+    client
+        .update(
+            RECORD_SQL,
+            None,
+            &[
+                ids.into(),
+                tokens.into(),
+                states.into(),
+                results.into(),
+                errors.into(),
+            ],
+        )
+        .map_err(spi_err)?;
+    Ok(())
+}
+
+/// Queues with ready jobs that executors serve, with how to call their handlers.
+const READY_QUEUES_SQL: &str = "
+SELECT q.name, q.concurrency, q.owner::oid,
+       (extract(epoch FROM q.timeout) * 1000)::int4,
+       CASE WHEN p.oid IS NULL THEN NULL
+            WHEN p.prokind = 'p' THEN format('CALL %I.%I($1::jsonb)', n.nspname, p.proname)
+            WHEN p.prorettype = 'jsonb'::regtype THEN format('SELECT %I.%I($1::jsonb)::text', n.nspname, p.proname)
+            ELSE format('SELECT %I.%I($1::jsonb)', n.nspname, p.proname) END,
+       p.prokind = 'f' AND p.prorettype = 'jsonb'::regtype
+  FROM queue.queues q
+  LEFT JOIN pg_proc p ON p.oid = to_regprocedure(q.handler)
+  LEFT JOIN pg_namespace n ON n.oid = p.pronamespace
+ WHERE NOT q.paused AND NOT q.notify
+   AND EXISTS (SELECT 1 FROM queue.jobs j
+                WHERE j.queue = q.name AND j.state = 'queued' AND j.run_at <= statement_timestamp())
+ ORDER BY q.name";
+
+/// Claims up to `limit` ready jobs of one queue, within its concurrency limit. Claims of a
+/// queue are serialised by a transaction-scoped advisory lock (released at our commit), so
+/// that two executors counting the queue's running jobs cannot both take the last place.
+const CLAIM_SQL: &str = "
+WITH c AS (
+    SELECT id FROM queue.jobs
+     WHERE queue = $1 AND state = 'queued' AND run_at <= statement_timestamp()
+     ORDER BY priority, run_at, id
+     LIMIT greatest(0, least($2, $3 - (SELECT count(*) FROM queue.jobs
+                                        WHERE queue = $1 AND state = 'running')))
+     FOR UPDATE SKIP LOCKED
+)
+UPDATE queue.jobs j
+   SET state = 'running', attempts = j.attempts + 1, started_at = statement_timestamp(),
+       worker_pid = pg_backend_pid(), worker_id = $4, lease_token = gen_random_uuid()
+  FROM c
+ WHERE j.id = c.id
+RETURNING j.id, j.lease_token, j.attempts, j.max_attempts, j.payload::text,
+          (extract(epoch FROM j.timeout) * 1000)::int4";
+
+/// Key space of pg_queue's advisory locks (first half of the two-int4 key): 'pgqu'.
+pub const ADVISORY_LOCK_SPACE: i32 = 0x7067_7175;
+
+fn claim(
+    client: &mut SpiClient<'_>,
+    executor_id: pgrx::Uuid,
+    limit: i32,
+    turn: usize,
+) -> Result<VecDeque<Claimed>, SqlError> {
+    // SAFETY: statement_timestamp() in the claim is the start of the claim, not of the batch.
+    unsafe { pg_sys::SetCurrentStatementStartTimestamp() };
+    let mut queues = Vec::new();
+    for row in client
+        .update(READY_QUEUES_SQL, None, &[])
+        .map_err(spi_err)?
+    {
+        let name: Option<String> = row.get(1).map_err(spi_err)?;
+        let Some(name) = name else { continue };
+        queues.push((
+            name,
+            row.get::<i32>(2).map_err(spi_err)?.unwrap_or(1),
+            Handler {
+                owner: row
+                    .get::<pg_sys::Oid>(3)
+                    .map_err(spi_err)?
+                    .unwrap_or(pg_sys::Oid::INVALID),
+                call_sql: row.get::<String>(5).map_err(spi_err)?,
+                keeps_result: row.get::<bool>(6).map_err(spi_err)?.unwrap_or(false),
+            },
+            row.get::<i32>(4).map_err(spi_err)?.unwrap_or(300_000),
+        ));
+    }
+    let n = queues.len();
+    for i in 0..n {
+        let (name, concurrency, handler, queue_timeout) = &queues[(turn + i) % n];
+        client
+            .update(
+                "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+                None,
+                &[ADVISORY_LOCK_SPACE.into(), name.as_str().into()],
+            )
+            .map_err(spi_err)?;
+        let rows = client
+            .update(
+                CLAIM_SQL,
+                None,
+                &[
+                    name.as_str().into(),
+                    limit.into(),
+                    (*concurrency).into(),
+                    executor_id.into(),
+                ],
+            )
+            .map_err(spi_err)?;
+        let mut claimed = VecDeque::with_capacity(rows.len());
+        for row in rows {
+            let (Some(id), Some(lease_token)) = (
+                row.get::<pgrx::Uuid>(1).map_err(spi_err)?,
+                row.get::<pgrx::Uuid>(2).map_err(spi_err)?,
+            ) else {
+                continue;
+            };
+            claimed.push_back(Claimed {
+                id,
+                lease_token,
+                queue: name.clone(),
+                attempt: row.get::<i32>(3).map_err(spi_err)?.unwrap_or(1),
+                max_attempts: row.get::<i32>(4).map_err(spi_err)?.unwrap_or(1),
+                payload: row
+                    .get::<String>(5)
+                    .map_err(spi_err)?
+                    .unwrap_or_else(|| "{}".into()),
+                timeout_ms: row
+                    .get::<i32>(6)
+                    .map_err(spi_err)?
+                    .unwrap_or(*queue_timeout),
+                handler: handler.clone(),
+            });
+        }
+        if !claimed.is_empty() {
+            return Ok(claimed);
+        }
+    }
+    Ok(VecDeque::new())
+}
+
+/// How long until the next scheduled job becomes ready, if one is queued.
+fn next_ready_in(client: &mut SpiClient<'_>) -> Result<Option<Duration>, SqlError> {
+    let ms = client
+        .update(
+            "SELECT ceil(extract(epoch FROM min(run_at) - clock_timestamp()) * 1000)::int8
+               FROM queue.jobs WHERE state = 'queued' AND run_at > statement_timestamp()",
+            None,
+            &[],
+        )
+        .map_err(spi_err)?
+        .first()
+        .get_one::<i64>()
+        .map_err(spi_err)?;
+    Ok(ms.map(|ms| Duration::from_millis(ms.max(1) as u64)))
+}
+
+fn extension_exists() -> bool {
+    transaction(|| {
+        Spi::get_one::<bool>("SELECT to_regclass('queue.jobs') IS NOT NULL")
+            .ok()
+            .flatten()
+            .unwrap_or(false)
+    })
+    .unwrap_or(false)
+}

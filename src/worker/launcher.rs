@@ -1,0 +1,166 @@
+//! Launcher: the static background worker. Connects to `queue.database`, waits for the
+//! extension, then on every `queue.maintenance_interval` reaps jobs of dead executors,
+//! keeps history partitions ahead, and keeps `queue.max_workers` executors running.
+//! Registered with BgWorkerStart_RecoveryFinished: a standby runs nothing until promoted.
+
+use super::{maintenance, transaction};
+use crate::{gucs, shmem};
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder};
+use pgrx::prelude::*;
+use std::time::{Duration, Instant};
+
+/// A crashed launcher is restarted after this long (also while `queue.database` does not
+/// exist yet).
+const RESTART_DELAY: Duration = Duration::from_secs(5);
+/// Partitions are checked this often (and at start); they are made days ahead.
+const PARTITION_INTERVAL: Duration = Duration::from_secs(600);
+
+pub fn register() {
+    BackgroundWorkerBuilder::new("pg_queue launcher")
+        .set_type("pg_queue launcher")
+        .set_library("pg_queue")
+        .set_function("pg_queue_launcher_main")
+        .enable_spi_access()
+        .set_restart_time(Some(RESTART_DELAY))
+        .load();
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn pg_queue_launcher_main(_arg: pg_sys::Datum) {
+    super::attach_signal_handlers();
+    let database = gucs::database();
+    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    super::report_appname(c"pg_queue launcher");
+    log!("pg_queue launcher started (database \"{database}\")");
+
+    let mut last_partitions: Option<Instant> = None;
+    let mut warned_missing = false;
+    loop {
+        super::reload_config_if_asked();
+        if extension_installed() {
+            warned_missing = false;
+            if last_partitions.is_none_or(|t| t.elapsed() >= PARTITION_INTERVAL) {
+                match transaction(maintenance::create_partitions) {
+                    Ok(Ok(n)) if n > 0 => log!("pg_queue launcher: created {n} history partitions"),
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) | Err(e) => {
+                        log!("pg_queue launcher: creating partitions failed: {e}")
+                    }
+                }
+                last_partitions = Some(Instant::now());
+            }
+            forget_dead_executors();
+            reap_dead_executors();
+            manage_executors(gucs::max_workers());
+        } else {
+            if !warned_missing {
+                log!("pg_queue launcher: waiting for CREATE EXTENSION pg_queue in \"{database}\"");
+                warned_missing = true;
+            }
+            manage_executors(0);
+        }
+        super::report_activity("idle", false);
+        if !BackgroundWorker::wait_latch(Some(gucs::maintenance_interval())) {
+            break;
+        }
+    }
+}
+
+fn extension_installed() -> bool {
+    transaction(|| {
+        Spi::get_one::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_queue')
+                AND to_regclass('queue.jobs') IS NOT NULL",
+        )
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+    })
+    .unwrap_or(false)
+}
+
+/// Frees registry slots whose process is gone without saying so (it died before it could
+/// register its exit callback).
+fn forget_dead_executors() {
+    for (slot, pid) in shmem::occupied_slots() {
+        // SAFETY: signal 0 only checks that the process exists.
+        let gone = unsafe { libc::kill(pid, 0) } != 0
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone {
+            shmem::release_executor(slot, pid);
+        }
+    }
+}
+
+/// Running jobs whose executor is not alive go back to queued (or failed).
+fn reap_dead_executors() {
+    let r = transaction(|| {
+        // Cutoff before reading the registry: see maintenance::REAP_SQL.
+        let cutoff = Spi::get_one::<pgrx::datum::TimestampWithTimeZone>("SELECT clock_timestamp()")
+            .ok()
+            .flatten();
+        let live: Vec<pgrx::Uuid> = shmem::live_executor_ids()
+            .into_iter()
+            .map(|u| pgrx::Uuid::from_bytes(*u.as_bytes()))
+            .collect();
+        maintenance::reap(&live, None, cutoff, "executor died")
+    });
+    match r {
+        Ok(Ok(0)) => {}
+        Ok(Ok(n)) => log!("pg_queue launcher: reaped {n} jobs of dead executors"),
+        Ok(Err(e)) | Err(e) => log!("pg_queue launcher: reaping failed: {e}"),
+    }
+}
+
+/// Starts executors in free slots up to `want`, and asks the surplus to stop.
+fn manage_executors(want: usize) {
+    let occupied = shmem::occupied_slots();
+    if occupied.len() > want {
+        for &(slot, pid) in occupied.iter().rev().take(occupied.len() - want) {
+            log!("pg_queue launcher: stopping executor {pid} (slot {slot})");
+            // SAFETY: SIGTERM to our own executor; it exits at its next interrupt check.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        return;
+    }
+    let taken: Vec<usize> = occupied.iter().map(|&(slot, _)| slot).collect();
+    let free = (0..gucs::MAX_EXECUTORS).filter(|s| !taken.contains(s));
+    for slot in free.take(want - occupied.len()) {
+        if !start_executor(slot) {
+            break;
+        }
+    }
+}
+
+fn start_executor(slot: usize) -> bool {
+    // SAFETY: both are set for every connected background worker.
+    let (dboid, my_pid) = unsafe { (pg_sys::MyDatabaseId, pg_sys::MyProcPid) };
+    let worker = BackgroundWorkerBuilder::new(&format!("pg_queue executor {slot}"))
+        .set_type("pg_queue executor")
+        .set_library("pg_queue")
+        .set_function("pg_queue_executor_main")
+        .set_argument(Some(pg_sys::Datum::from(slot)))
+        .set_extra(&dboid.to_u32().to_string())
+        .enable_spi_access()
+        .set_notify_pid(my_pid)
+        .load_dynamic();
+    let Ok(worker) = worker else {
+        log!(
+            "pg_queue launcher: could not start an executor: no free background worker slot \
+             (raise max_worker_processes or lower queue.max_workers)"
+        );
+        return false;
+    };
+    match worker.wait_for_startup() {
+        Ok(pid) => {
+            shmem::reserve_slot(slot, pid);
+            log!("pg_queue launcher: started executor {pid} (slot {slot})");
+            true
+        }
+        Err(status) => {
+            log!("pg_queue launcher: executor for slot {slot} did not start: {status:?}");
+            false
+        }
+    }
+}

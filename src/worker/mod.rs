@@ -1,0 +1,207 @@
+//! Background processes: the launcher (static worker, maintenance duties) and executors
+//! (dynamic workers that run handlers), plus the transaction, subtransaction, timeout and
+//! signal plumbing they share.
+
+pub mod executor;
+pub mod launcher;
+pub mod maintenance;
+
+use pgrx::pg_sys;
+use pgrx::pg_sys::panic::CaughtError;
+use pgrx::PgTryBuilder;
+use std::ffi::CString;
+use std::panic::UnwindSafe;
+
+// Symbols pgrx does not bind (utils/timeout.h, storage/ipc.h) or binds only as Rust
+// wrappers that cannot be used as C signal handlers.
+unsafe extern "C-unwind" {
+    fn enable_timeout_after(id: std::ffi::c_int, delay_ms: std::ffi::c_int);
+    fn disable_timeout(id: std::ffi::c_int, keep_indicator: bool);
+    #[link_name = "die"]
+    fn pg_die(signal: std::ffi::c_int);
+}
+/// `STATEMENT_TIMEOUT` in enum TimeoutId (utils/timeout.h); the same value in PG 13-17.
+const STATEMENT_TIMEOUT: std::ffi::c_int = 3;
+
+/// An ERROR caught from SQL: what is recorded in a job's `errors`.
+#[derive(Debug, Clone)]
+pub struct SqlError {
+    pub sqlstate: String,
+    pub message: String,
+    pub detail: Option<String>,
+    pub hint: Option<String>,
+}
+
+impl SqlError {
+    fn from_caught(e: &CaughtError) -> SqlError {
+        match e {
+            CaughtError::PostgresError(r)
+            | CaughtError::ErrorReport(r)
+            | CaughtError::RustPanic { ereport: r, .. } => SqlError {
+                sqlstate: sqlstate_text(r.sql_error_code() as i32),
+                message: r.message().to_string(),
+                detail: r.detail().map(str::to_string),
+                hint: r.hint().map(str::to_string),
+            },
+        }
+    }
+
+    pub fn internal(message: impl Into<String>) -> SqlError {
+        SqlError {
+            sqlstate: "XX000".into(),
+            message: message.into(),
+            detail: None,
+            hint: None,
+        }
+    }
+}
+
+impl std::fmt::Display for SqlError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (SQLSTATE {})", self.message, self.sqlstate)
+    }
+}
+
+/// The five-character SQLSTATE of a packed error code (MAKE_SQLSTATE packs 6 bits a char).
+pub fn sqlstate_text(code: i32) -> String {
+    (0..5)
+        .map(|i| (((code >> (6 * i)) & 0x3F) as u8 + b'0') as char)
+        .collect()
+}
+
+/// Runs `f` in its own transaction and commits it. An ERROR (or a Rust panic) aborts the
+/// transaction and comes back as `Err`, so a worker's loop survives its own failures.
+pub fn transaction<R>(f: impl FnOnce() -> R + UnwindSafe) -> Result<R, SqlError> {
+    // SAFETY: called from a worker's main loop, outside any transaction.
+    unsafe {
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+    }
+    PgTryBuilder::new(move || {
+        let r = f();
+        // SAFETY: pairs with the Push/Start above; the body left no snapshot of its own.
+        unsafe {
+            pg_sys::PopActiveSnapshot();
+            pg_sys::CommitTransactionCommand();
+        }
+        Ok(r)
+    })
+    .catch_others(|e| {
+        // SAFETY: pgrx has copied and flushed the error; abort releases locks, snapshots,
+        // SPI connections and memory of the failed transaction.
+        unsafe {
+            pg_sys::AbortCurrentTransaction();
+            pg_sys::MemoryContextSwitchTo(pg_sys::TopMemoryContext);
+        }
+        Err(SqlError::from_caught(&e))
+    })
+    .execute()
+}
+
+/// Runs `f` in an internal subtransaction, as PL/pgSQL runs an EXCEPTION block: an ERROR
+/// inside rolls back exactly what `f` did and comes back as `Err`; the enclosing
+/// transaction, its row locks and its SPI connection stay usable.
+pub fn subtransaction<R>(f: impl FnOnce() -> R + UnwindSafe) -> Result<R, SqlError> {
+    // SAFETY: inside a transaction; we restore the memory context and resource owner the
+    // subtransaction functions switch, on both paths.
+    unsafe {
+        let old_cxt = pg_sys::CurrentMemoryContext;
+        let old_owner = pg_sys::CurrentResourceOwner;
+        pg_sys::BeginInternalSubTransaction(std::ptr::null());
+        pg_sys::MemoryContextSwitchTo(old_cxt);
+        PgTryBuilder::new(move || {
+            let r = f();
+            pg_sys::ReleaseCurrentSubTransaction();
+            pg_sys::MemoryContextSwitchTo(old_cxt);
+            pg_sys::CurrentResourceOwner = old_owner;
+            Ok(r)
+        })
+        .catch_others(move |e| {
+            pg_sys::MemoryContextSwitchTo(old_cxt);
+            pg_sys::RollbackAndReleaseCurrentSubTransaction();
+            pg_sys::MemoryContextSwitchTo(old_cxt);
+            pg_sys::CurrentResourceOwner = old_owner;
+            Err(SqlError::from_caught(&e))
+        })
+        .execute()
+    }
+}
+
+/// Arms the statement timeout for the next `ms` milliseconds: when it fires, the running
+/// statement fails with 57014 "canceling statement due to statement timeout".
+pub fn arm_statement_timeout(ms: i32) {
+    // SAFETY: InitPostgres registered STATEMENT_TIMEOUT's handler in every backend.
+    unsafe { enable_timeout_after(STATEMENT_TIMEOUT, ms.max(1)) }
+}
+
+/// Disarms the statement timeout and forgets a cancel that arrived for the finished
+/// statement, so it cannot hit the executor's own bookkeeping.
+pub fn disarm_statement_timeout() {
+    // SAFETY: disabling an unarmed timeout is a no-op; the flags are this process's own.
+    unsafe {
+        disable_timeout(STATEMENT_TIMEOUT, false);
+        pg_sys::QueryCancelPending = 0;
+    }
+}
+
+/// SIGTERM: Postgres' own handler, so the next CHECK_FOR_INTERRUPTS ends the process even in
+/// the middle of a handler (its transaction rolls back; the job is reaped). SIGHUP: pgrx's,
+/// which sets a flag and the latch.
+pub fn attach_signal_handlers() {
+    pgrx::bgworkers::BackgroundWorker::attach_signal_handlers(
+        pgrx::bgworkers::SignalWakeFlags::SIGHUP,
+    );
+    // SAFETY: `die` is the standard backend SIGTERM handler.
+    unsafe {
+        pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(pg_die));
+    }
+}
+
+/// Re-reads postgresql.conf if SIGHUP arrived.
+pub fn reload_config_if_asked() -> bool {
+    if pgrx::bgworkers::BackgroundWorker::sighup_received() {
+        // SAFETY: outside any transaction, as the postmaster's children do it.
+        unsafe {
+            pg_sys::ConfigReloadPending = 0;
+            pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP);
+        }
+        return true;
+    }
+    false
+}
+
+/// Shows `what` in pg_stat_activity.query for this process (state active, or idle).
+pub fn report_activity(what: &str, active: bool) {
+    let state = if active {
+        pg_sys::BackendState::STATE_RUNNING
+    } else {
+        pg_sys::BackendState::STATE_IDLE
+    };
+    let text = CString::new(what.replace('\0', " ")).unwrap_or_default();
+    // SAFETY: pgstat copies the string.
+    unsafe { pg_sys::pgstat_report_activity(state, text.as_ptr()) }
+}
+
+/// Sets application_name, so workers are recognisable in pg_stat_activity.
+pub fn report_appname(name: &std::ffi::CStr) {
+    // SAFETY: pgstat copies the string.
+    unsafe { pg_sys::pgstat_report_appname(name.as_ptr()) }
+}
+
+#[cfg(test)]
+mod unit_tests {
+    #[test]
+    fn sqlstate_round_trips() {
+        // MAKE_SQLSTATE('5','7','0','1','4'): query_canceled
+        let pack = |s: &str| {
+            s.bytes()
+                .enumerate()
+                .map(|(i, b)| ((b - b'0') as i32) << (6 * i))
+                .sum::<i32>()
+        };
+        for s in ["57014", "22023", "P0001", "XX000", "42704"] {
+            assert_eq!(super::sqlstate_text(pack(s)), s);
+        }
+    }
+}
