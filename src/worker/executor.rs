@@ -126,15 +126,11 @@ unsafe extern "C-unwind" fn release_slot(_code: std::ffi::c_int, arg: pg_sys::Da
 impl Executor {
     /// One batch. Returns how long to sleep, or None to go on at once.
     fn tick(&mut self) -> Option<Duration> {
-        if self.claimed.is_empty() {
-            // Before the claim's snapshot: an enqueue committing after it wakes us.
-            shmem::set_idle(self.slot, true);
-        }
         let started = Instant::now();
         let claimed = std::mem::take(&mut self.claimed);
-        let (id, batch, turn) = (self.id, self.batch, self.turn);
+        let (slot, id, batch, turn) = (self.slot, self.id, self.batch, self.turn);
         let result = transaction(move || {
-            Spi::connect_mut(|client| run_batch(client, claimed, id, batch, turn))
+            Spi::connect_mut(|client| run_batch(client, claimed, slot, id, batch, turn))
         });
         match result {
             Ok(Ok(BatchReport {
@@ -154,7 +150,6 @@ impl Executor {
                 self.claimed = leftover;
                 self.claimed.extend(claimed);
                 if worked {
-                    shmem::set_idle(self.slot, false);
                     None
                 } else {
                     Some(
@@ -203,6 +198,7 @@ struct BatchReport {
 fn run_batch(
     client: &mut SpiClient<'_>,
     mut claimed: VecDeque<Claimed>,
+    slot: usize,
     executor_id: pgrx::Uuid,
     batch: i32,
     turn: usize,
@@ -229,9 +225,13 @@ fn run_batch(
         next_ready_in: None,
     };
     if report.leftover.is_empty() {
+        // Idle from before the claim's snapshot: an enqueue committing after it wakes us.
+        shmem::set_idle(slot, true);
         report.claimed = claim(client, executor_id, batch, turn)?;
-        if report.claimed.is_empty() && outcomes.is_empty() {
+        if report.claimed.is_empty() {
             report.next_ready_in = next_ready_in(client)?;
+        } else {
+            shmem::set_idle(slot, false);
         }
     }
     Ok(report)
