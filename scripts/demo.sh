@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# The demo: builds and installs pg_queue, starts a throwaway Postgres with the extension
+# preloaded, creates a queue whose SQL handler "sends" e-mails, enqueues jobs (one that
+# fails twice before it succeeds), and shows them processed. Removes the cluster at exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+
+PG_BIN=/usr/lib/postgresql/15/bin
+echo "== building and installing pg_queue (release)"
+if [ "$(id -u)" -eq 0 ]; then
+    cargo pgrx install --release --pg-config "$PG_BIN/pg_config" >/dev/null
+    AS_PG=(runuser -u postgres --)
+else
+    cargo pgrx install --release --sudo --pg-config "$PG_BIN/pg_config" >/dev/null
+    AS_PG=()
+fi
+
+DIR=$(mktemp -d /var/tmp/pg_queue-demo-XXXXXX)
+[ "$(id -u)" -eq 0 ] && chown postgres:postgres "$DIR"
+PORT=$((20000 + RANDOM % 10000))
+cleanup() { "${AS_PG[@]}" "$PG_BIN/pg_ctl" -D "$DIR/data" -m immediate stop >/dev/null 2>&1 || true; rm -rf "$DIR"; }
+trap cleanup EXIT
+
+echo "== starting a throwaway cluster in $DIR (port $PORT, unix socket only)"
+"${AS_PG[@]}" "$PG_BIN/initdb" -D "$DIR/data" -U postgres --auth=trust --no-sync >/dev/null
+cat >> "$DIR/data/postgresql.conf" <<CONF
+shared_preload_libraries = 'pg_queue'
+queue.database = 'postgres'
+queue.max_workers = 2
+listen_addresses = ''
+unix_socket_directories = '$DIR'
+port = $PORT
+CONF
+"${AS_PG[@]}" "$PG_BIN/pg_ctl" -D "$DIR/data" -l "$DIR/server.log" -w start >/dev/null
+psql() { command psql -X -q -h "$DIR" -p "$PORT" -U postgres -d postgres -v ON_ERROR_STOP=1 "$@"; }
+
+psql <<'SQL'
+\echo == CREATE EXTENSION, a table, a handler and a queue
+CREATE EXTENSION pg_queue;
+CREATE TABLE emails_sent (recipient text, attempt int, sent_at timestamptz DEFAULT clock_timestamp());
+CREATE PROCEDURE send_email(payload jsonb) LANGUAGE plpgsql AS $$
+DECLARE
+    job record := (SELECT j FROM queue.current_job() j);
+BEGIN
+    IF payload->>'to' = 'flaky@example.com' AND job.attempt < 3 THEN
+        RAISE EXCEPTION 'mail server busy (attempt %)', job.attempt;
+    END IF;
+    INSERT INTO emails_sent (recipient, attempt) VALUES (payload->>'to', job.attempt);
+END
+$$;
+SELECT queue.create_queue('emails', 'send_email(jsonb)', backoff_base => '100 ms');
+
+\echo == enqueue: one job, a flaky one, and 10000 in one call
+SELECT queue.enqueue('emails', '{"to": "alice@example.com"}') AS job_id \gset
+SELECT queue.enqueue('emails', '{"to": "flaky@example.com"}') AS flaky_id \gset
+SELECT count(*) AS enqueued FROM queue.enqueue_many('emails',
+    ARRAY(SELECT jsonb_build_object('to', 'user' || i || '@example.com') FROM generate_series(1, 10000) i));
+SQL
+
+echo "== waiting for the executors"
+for _ in $(seq 1 600); do
+    live=$(psql -tA -c "SELECT count(*) FROM queue.jobs WHERE queue = 'emails'")
+    [ "$live" = "0" ] && break
+    sleep 0.1
+done
+
+psql <<'SQL'
+\echo == outcome by state
+SELECT state, count(*), max(attempts) AS max_attempts FROM queue.history WHERE queue = 'emails' GROUP BY state;
+\echo == the flaky job: succeeded on attempt 3, with the two errors recorded
+SELECT s.state, s.attempts, jsonb_path_query_array(s.errors, '$[*].message') AS errors
+  FROM queue.history h, queue.status(h.id) s
+ WHERE h.queue = 'emails' AND h.payload->>'to' = 'flaky@example.com';
+\echo == rows written by the handler (exactly one per job) and the drain rate
+SELECT count(*) AS emails_sent, count(DISTINCT recipient) AS distinct_recipients,
+       round(count(*) / nullif(extract(epoch FROM max(sent_at) - min(sent_at)), 0)) AS jobs_per_second
+  FROM emails_sent;
+\echo == the workers in pg_stat_activity
+SELECT pid, backend_type, state FROM pg_stat_activity WHERE backend_type LIKE 'pg_queue%' ORDER BY 2, 1;
+SQL
+echo "== done; the cluster is removed"
