@@ -100,33 +100,43 @@ COMMENT ON FUNCTION queue.enqueue_many(text, jsonb[], timestamptz, integer, inte
 CREATE FUNCTION queue.cancel(id uuid) RETURNS boolean LANGUAGE plpgsql AS $$
 DECLARE
     st queue.job_state;
+    pid integer;
 BEGIN
     IF id IS NULL THEN
         RAISE EXCEPTION 'id must not be NULL' USING ERRCODE = 'null_value_not_allowed';
     END IF;
-    SELECT j.state INTO st FROM queue.jobs j WHERE j.id = cancel.id FOR UPDATE;
-    IF NOT FOUND THEN
-        IF EXISTS (SELECT 1 FROM queue.history h WHERE h.id = cancel.id
-                     AND h.finished_at >= queue.uuid_time(cancel.id) - interval '1 day') THEN
-            RETURN false;                       -- already terminal
+    LOOP
+        -- No row lock here: a running job's row is locked by its executor until the
+        -- handler ends, and a cancel must not wait for that.
+        SELECT j.state, j.worker_pid INTO st, pid FROM queue.jobs j WHERE j.id = cancel.id;
+        IF NOT FOUND THEN
+            IF EXISTS (SELECT 1 FROM queue.history h WHERE h.id = cancel.id
+                         AND h.finished_at >= queue.uuid_time(cancel.id) - interval '1 day') THEN
+                RETURN false;                   -- already terminal
+            END IF;
+            RAISE EXCEPTION 'job % does not exist', id USING ERRCODE = 'undefined_object';
         END IF;
-        RAISE EXCEPTION 'job % does not exist', id USING ERRCODE = 'undefined_object';
-    END IF;
-    IF st = 'running' THEN
-        RETURN false;                           -- running jobs finish; see docs/design.md
-    END IF;
-    WITH d AS (DELETE FROM queue.jobs j WHERE j.id = cancel.id AND j.state IN ('queued', 'waiting')
-               RETURNING j.*)
-    INSERT INTO queue.history (id, queue, state, payload, priority, run_at, attempts, max_attempts,
-                               timeout, created_at, started_at, finished_at, worker_pid, errors)
-    SELECT d.id, d.queue, 'cancelled', d.payload, d.priority, d.run_at, d.attempts, d.max_attempts,
-           d.timeout, d.created_at, d.started_at, clock_timestamp(), d.worker_pid, d.errors
-      FROM d;
-    RETURN FOUND;
+        IF st = 'running' THEN
+            -- The executor interrupts the handler and records the job as cancelled; a
+            -- handler that already finished leaves it succeeded.
+            RETURN queue.request_cancel(cancel.id, pid);
+        END IF;
+        WITH d AS (DELETE FROM queue.jobs j WHERE j.id = cancel.id AND j.state IN ('queued', 'waiting')
+                   RETURNING j.*)
+        INSERT INTO queue.history (id, queue, state, payload, priority, run_at, attempts, max_attempts,
+                                   timeout, created_at, started_at, finished_at, worker_pid, errors)
+        SELECT d.id, d.queue, 'cancelled', d.payload, d.priority, d.run_at, d.attempts, d.max_attempts,
+               d.timeout, d.created_at, d.started_at, clock_timestamp(), d.worker_pid, d.errors
+          FROM d;
+        IF FOUND THEN
+            RETURN true;
+        END IF;
+        -- Claimed meanwhile: look again.
+    END LOOP;
 END
 $$;
 COMMENT ON FUNCTION queue.cancel(uuid) IS
-    'Cancels a queued or waiting job (it moves to history as cancelled) and returns true; false when the job is running or already finished.';
+    'Cancels a job: a queued one moves to history as cancelled at once; a running one has its handler interrupted and its effects rolled back. Returns false when the job already finished.';
 
 -- job_status: every job, live or finished, in one relation. Reading it in one statement
 -- takes one snapshot, so a job moving from jobs to history is never missed nor seen twice.

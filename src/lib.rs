@@ -37,7 +37,12 @@ extension_sql_file!(
 extension_sql_file!(
     "../sql/jobs.sql",
     name = "jobs",
-    requires = ["queues", api::uuid_generate_v7, api::wake_executors]
+    requires = [
+        "queues",
+        api::uuid_generate_v7,
+        api::wake_executors,
+        api::request_cancel
+    ]
 );
 
 /// Called in every process that loads the library. Settings that can change at run time are

@@ -19,6 +19,9 @@ pub struct Slot {
     /// The executor's life id (a uuid), recorded on the jobs it claims.
     id_hi: AtomicU64,
     id_lo: AtomicU64,
+    /// A job `queue.cancel()` asked this executor to stop (0 = none).
+    cancel_hi: AtomicU64,
+    cancel_lo: AtomicU64,
 }
 
 pub struct Registry {
@@ -37,6 +40,8 @@ impl Registry {
                 idle: AtomicBool::new(false),
                 id_hi: AtomicU64::new(0),
                 id_lo: AtomicU64::new(0),
+                cancel_hi: AtomicU64::new(0),
+                cancel_lo: AtomicU64::new(0),
             }),
         }
     }
@@ -162,4 +167,34 @@ pub fn reserve_slot(slot: usize, pid: i32) {
             .pid
             .compare_exchange(0, pid, Ordering::AcqRel, Ordering::Relaxed);
     }
+}
+
+/// Asks the executor with `pid` to cancel `job`: records the request in its slot, then
+/// sends SIGINT, which interrupts the job's handler if it is running it now. Returns false
+/// when no registered executor has that pid.
+pub fn request_cancel(pid: i32, job: uuid::Uuid) -> bool {
+    let Some(r) = registry() else {
+        return false;
+    };
+    let Some(s) = r
+        .slots
+        .iter()
+        .find(|s| pid != 0 && s.pid.load(Ordering::Acquire) == pid)
+    else {
+        return false;
+    };
+    let (hi, lo) = job.as_u64_pair();
+    s.cancel_lo.store(lo, Ordering::Relaxed);
+    s.cancel_hi.store(hi, Ordering::Release);
+    // SAFETY: a signal to one of our executors; its SIGINT handler only interrupts handlers.
+    unsafe { libc::kill(pid, libc::SIGINT) };
+    true
+}
+
+/// Whether `queue.cancel()` asked the executor in `slot` to cancel `job`.
+pub fn cancel_requested(slot: usize, job: uuid::Uuid) -> bool {
+    registry().and_then(|r| r.slots.get(slot)).is_some_and(|s| {
+        let (hi, lo) = job.as_u64_pair();
+        s.cancel_hi.load(Ordering::Acquire) == hi && s.cancel_lo.load(Ordering::Relaxed) == lo
+    })
 }

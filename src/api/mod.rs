@@ -37,6 +37,12 @@ fn wake_executors(jobs: i32) {
     });
 }
 
+/// Asks the executor `worker_pid` to cancel the running job `id` (see shmem::request_cancel).
+#[pg_extern(volatile, strict)]
+fn request_cancel(id: pgrx::Uuid, worker_pid: i32) -> bool {
+    crate::shmem::request_cancel(worker_pid, uuid::Uuid::from_bytes(*id.as_bytes()))
+}
+
 /// Inside a SQL handler: the job being run. No row anywhere else.
 #[pg_extern(stable)]
 fn current_job() -> TableIterator<
@@ -65,6 +71,7 @@ extension_sql!(
     r#"
 COMMENT ON FUNCTION queue.uuid_generate_v7() IS 'A new time-ordered UUIDv7 (the kind of id every job has).';
 COMMENT ON FUNCTION queue.wake_executors(integer) IS 'Internal: wakes idle executors for that many ready jobs when the current transaction commits.';
+COMMENT ON FUNCTION queue.request_cancel(uuid, integer) IS 'Internal: asks an executor to interrupt the job it runs (used by queue.cancel).';
 COMMENT ON FUNCTION queue.current_job() IS 'Inside a SQL handler: the running job (id, queue, attempt, max_attempts, payload). No row elsewhere.';
 COMMENT ON FUNCTION queue.job_transitions() IS 'The legal moves between job states (the state machine every statement follows).';
 "#,

@@ -60,7 +60,7 @@ struct Claimed {
 struct Outcome {
     id: pgrx::Uuid,
     lease_token: pgrx::Uuid,
-    /// `succeeded`, `queued` (retry later) or `failed`.
+    /// `succeeded`, `queued` (retry later), `failed` or `cancelled`.
     state: crate::state::JobState,
     result: Option<String>,
     error: Option<String>,
@@ -212,7 +212,7 @@ fn run_batch(
                 // Reaped or cancelled meanwhile: not ours to run any more.
                 continue;
             }
-            outcomes.push(run_job(&job));
+            outcomes.push(run_job(&job, slot));
             if started.elapsed() >= gucs::batch_time() {
                 break;
             }
@@ -269,8 +269,35 @@ fn lock_owned(
 }
 
 /// Runs one job's handler in a subtransaction and says what became of it.
-fn run_job(job: &Claimed) -> Outcome {
+fn run_job(job: &Claimed, slot: usize) -> Outcome {
     let id = uuid::Uuid::from_bytes(*job.id.as_bytes());
+    let outcome = |state, result, error| Outcome {
+        id: job.id,
+        lease_token: job.lease_token,
+        state,
+        result,
+        error,
+    };
+    let cancelled = |attempt| {
+        log!(
+            "pg_queue: job {id} (queue {}, attempt {attempt}) cancelled",
+            job.queue
+        );
+        let e = SqlError {
+            sqlstate: "57014".into(),
+            message: "cancelled by queue.cancel()".into(),
+            detail: None,
+            hint: None,
+        };
+        outcome(
+            crate::state::JobState::Cancelled,
+            None,
+            Some(error_json(&e, attempt)),
+        )
+    };
+    if shmem::cancel_requested(slot, id) {
+        return cancelled(job.attempt);
+    }
     CURRENT_JOB.set(Some(CurrentJob {
         id,
         queue: job.queue.clone(),
@@ -296,13 +323,10 @@ fn run_job(job: &Claimed) -> Outcome {
     };
     CURRENT_JOB.set(None);
     match result {
-        Ok(result) => Outcome {
-            id: job.id,
-            lease_token: job.lease_token,
-            state: crate::state::JobState::Succeeded,
-            result,
-            error: None,
-        },
+        Ok(result) => outcome(crate::state::JobState::Succeeded, result, None),
+        Err(e) if e.sqlstate == "57014" && shmem::cancel_requested(slot, id) => {
+            cancelled(job.attempt)
+        }
         Err(e) => {
             let retry = job.attempt < job.max_attempts;
             log!(
@@ -316,17 +340,12 @@ fn run_job(job: &Claimed) -> Outcome {
                     "; no attempts left"
                 }
             );
-            Outcome {
-                id: job.id,
-                lease_token: job.lease_token,
-                state: if retry {
-                    crate::state::JobState::Queued
-                } else {
-                    crate::state::JobState::Failed
-                },
-                result: None,
-                error: Some(error_json(&e, job.attempt)),
-            }
+            let state = if retry {
+                crate::state::JobState::Queued
+            } else {
+                crate::state::JobState::Failed
+            };
+            outcome(state, None, Some(error_json(&e, job.attempt)))
         }
     }
 }

@@ -11,6 +11,7 @@ use pgrx::pg_sys::panic::CaughtError;
 use pgrx::PgTryBuilder;
 use std::ffi::CString;
 use std::panic::UnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 // Symbols pgrx does not bind (utils/timeout.h, storage/ipc.h) or binds only as Rust
 // wrappers that cannot be used as C signal handlers.
@@ -128,9 +129,11 @@ pub fn subtransaction<R>(f: impl FnOnce() -> R + UnwindSafe) -> Result<R, SqlErr
     }
 }
 
-/// Arms the statement timeout for the next `ms` milliseconds: when it fires, the running
-/// statement fails with 57014 "canceling statement due to statement timeout".
+/// Arms the statement timeout for the next `ms` milliseconds and lets SIGINT in: when the
+/// timeout fires, the running statement fails with 57014 "canceling statement due to
+/// statement timeout".
 pub fn arm_statement_timeout(ms: i32) {
+    IN_HANDLER.store(true, Ordering::SeqCst);
     // SAFETY: InitPostgres registered STATEMENT_TIMEOUT's handler in every backend.
     unsafe { enable_timeout_after(STATEMENT_TIMEOUT, ms.max(1)) }
 }
@@ -138,6 +141,7 @@ pub fn arm_statement_timeout(ms: i32) {
 /// Disarms the statement timeout and forgets a cancel that arrived for the finished
 /// statement, so it cannot hit the executor's own bookkeeping.
 pub fn disarm_statement_timeout() {
+    IN_HANDLER.store(false, Ordering::SeqCst);
     // SAFETY: disabling an unarmed timeout is a no-op; the flags are this process's own.
     unsafe {
         disable_timeout(STATEMENT_TIMEOUT, false);
@@ -145,16 +149,36 @@ pub fn disarm_statement_timeout() {
     }
 }
 
+/// True while a job's handler runs: only then does SIGINT (a cancel, a statement timeout)
+/// interrupt anything. A cancel arriving between handlers must not fail the executor's own
+/// bookkeeping; `queue.cancel()` leaves its request in shared memory for the next check.
+static IN_HANDLER: AtomicBool = AtomicBool::new(false);
+
+/// SIGINT handler: Postgres' StatementCancelHandler, limited to the time a handler runs.
+unsafe extern "C-unwind" fn on_sigint(_signal: std::ffi::c_int) {
+    // SAFETY: async-signal-safe: flag writes and SetLatch, errno preserved, as Postgres does.
+    unsafe {
+        let saved = *libc::__errno_location();
+        if IN_HANDLER.load(Ordering::SeqCst) && !pg_sys::proc_exit_inprogress {
+            pg_sys::InterruptPending = 1;
+            pg_sys::QueryCancelPending = 1;
+        }
+        pg_sys::SetLatch(pg_sys::MyLatch);
+        *libc::__errno_location() = saved;
+    }
+}
+
 /// SIGTERM: Postgres' own handler, so the next CHECK_FOR_INTERRUPTS ends the process even in
 /// the middle of a handler (its transaction rolls back; the job is reaped). SIGHUP: pgrx's,
-/// which sets a flag and the latch.
+/// which sets a flag and the latch. SIGINT: `on_sigint`.
 pub fn attach_signal_handlers() {
     pgrx::bgworkers::BackgroundWorker::attach_signal_handlers(
         pgrx::bgworkers::SignalWakeFlags::SIGHUP,
     );
-    // SAFETY: `die` is the standard backend SIGTERM handler.
+    // SAFETY: `die` is the standard backend SIGTERM handler; on_sigint is async-signal-safe.
     unsafe {
         pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(pg_die));
+        pg_sys::pqsignal(pg_sys::SIGINT as i32, Some(on_sigint));
     }
 }
 

@@ -1,0 +1,145 @@
+"""Crashes: kill -9 of an executor, of the launcher, and an immediate shutdown, with jobs
+in flight. Every job must end terminal, and a SQL handler's effects must exist exactly
+once per succeeded job (none for a failed one)."""
+import random
+import time
+
+import pytest
+
+from conftest import wait_for
+
+CLUSTER_SETTINGS = {"queue.max_workers": "2", "restart_after_crash": "on"}
+
+
+def q(cluster, sql, params=None):
+    """One statement on a fresh connection (connections die with a crash restart)."""
+    with cluster.connect() as c:
+        row = c.execute(sql, params).fetchone()
+        return None if row is None else row[0]
+
+
+def setup_queue(cluster, name, body="PERFORM pg_sleep(0.005);"):
+    with cluster.connect() as c:
+        c.execute(f"CREATE TABLE {name} (job uuid, attempt int)")
+        c.execute(f"""CREATE PROCEDURE {name}_h(payload jsonb) LANGUAGE plpgsql AS $$ BEGIN
+                        INSERT INTO {name} SELECT id, attempt FROM queue.current_job();
+                        {body} END $$""")
+        c.execute("SELECT queue.create_queue(%s, %s, max_attempts => 50, "
+                  "backoff_base => '10 ms', backoff_max => '100 ms')", (name, f"{name}_h(jsonb)"))
+
+
+def workers(cluster, kind):
+    with cluster.connect() as c:
+        return [r[0] for r in c.execute(
+            "SELECT pid FROM pg_stat_activity WHERE backend_type = %s", (f"pg_queue {kind}",))]
+
+
+def wait_all_terminal(cluster, name, total, timeout=180):
+    def done():
+        try:
+            return q(cluster, "SELECT count(*) FROM queue.history WHERE queue = %s", (name,)) == total \
+                and q(cluster, "SELECT count(*) FROM queue.jobs WHERE queue = %s", (name,)) == 0
+        except Exception:
+            return False
+    wait_for(done, timeout, interval=0.1, what=f"all {total} jobs of {name} terminal")
+
+
+def assert_exactly_once(cluster, name, total):
+    with cluster.connect() as c:
+        states = dict(c.execute("SELECT state::text, count(*) FROM queue.history WHERE queue = %s "
+                                "GROUP BY 1", (name,)).fetchall())
+        assert sum(states.values()) == total
+        # One committed handler run per succeeded job, none for any other.
+        bad = c.execute(f"""
+            SELECT h.id, h.state, count(t.job) FROM queue.history h LEFT JOIN {name} t ON t.job = h.id
+             WHERE h.queue = %s
+             GROUP BY h.id, h.state
+            HAVING count(t.job) <> CASE WHEN h.state = 'succeeded' THEN 1 ELSE 0 END""",
+                        (name,)).fetchall()
+        assert bad == []
+        # The committed run is the job's last attempt: no earlier attempt's effects survived.
+        assert c.execute(f"SELECT count(*) FROM {name} t JOIN queue.history h ON h.id = t.job "
+                         "WHERE t.attempt <> h.attempts").fetchone()[0] == 0
+        return states
+
+
+def wait_for_running(cluster, name):
+    wait_for(lambda: q(cluster, "SELECT count(*) FROM queue.jobs WHERE queue = %s "
+                                "AND state = 'running'", (name,)) > 0,
+             timeout=60, interval=0.005, what="a running job")
+
+
+def enqueue(cluster, name, n):
+    q(cluster, "SELECT count(*) FROM queue.enqueue_many(%s, ARRAY(SELECT jsonb_build_object('i', i) "
+               "FROM generate_series(1, %s) i))", (name, n))
+
+
+def wait_recovered(cluster):
+    """Time until the cluster accepts connections and executors run again."""
+    t0 = time.monotonic()
+    cluster.wait_ready()
+    wait_for(lambda: len(workers(cluster, "executor")) == 2, timeout=60, interval=0.02,
+             what="executors back")
+    return time.monotonic() - t0
+
+
+def test_kill_9_executor_20_rounds(cluster, name):
+    setup_queue(cluster, name)
+    rounds, per_round = 20, 200
+    recoveries = []
+    for _ in range(rounds):
+        enqueue(cluster, name, per_round)
+        wait_for_running(cluster, name)
+        cluster.kill9(random.choice(workers(cluster, "executor")))
+        recoveries.append(wait_recovered(cluster))
+    wait_all_terminal(cluster, name, rounds * per_round)
+    states = assert_exactly_once(cluster, name, rounds * per_round)
+    assert states == {"succeeded": rounds * per_round}
+    reaped = q(cluster, "SELECT count(*) FROM queue.history WHERE queue = %s AND errors @> "
+                        "'[{\"message\": \"executor died\"}]'", (name,))
+    assert reaped > 0  # the kills did hit jobs in flight
+    recoveries.sort()
+    print(f"\nkill -9 executor: recovered (executors running again) in median "
+          f"{recoveries[len(recoveries) // 2]:.2f} s, max {recoveries[-1]:.2f} s; {reaped} jobs reaped")
+
+
+def test_kill_9_launcher(cluster, name):
+    setup_queue(cluster, name)
+    for _ in range(3):
+        enqueue(cluster, name, 200)
+        wait_for_running(cluster, name)
+        cluster.kill9(workers(cluster, "launcher")[0])
+        wait_recovered(cluster)
+    wait_all_terminal(cluster, name, 600)
+    assert assert_exactly_once(cluster, name, 600) == {"succeeded": 600}
+
+
+def test_immediate_shutdown_and_restart(cluster, name):
+    setup_queue(cluster, name)
+    for _ in range(3):
+        enqueue(cluster, name, 200)
+        wait_for_running(cluster, name)
+        cluster.stop(mode="immediate")
+        cluster.start()
+        wait_recovered(cluster)
+    wait_all_terminal(cluster, name, 600)
+    assert assert_exactly_once(cluster, name, 600) == {"succeeded": 600}
+
+
+def test_self_terminating_handler_fails_and_others_keep_working(cluster, name):
+    with cluster.connect() as c:
+        c.execute(f"CREATE PROCEDURE {name}_poison(payload jsonb) LANGUAGE sql AS "
+                  "$$ SELECT pg_terminate_backend(pg_backend_pid()) $$")
+        c.execute("SELECT queue.create_queue(%s, %s, max_attempts => 3, "
+                  "backoff_base => '10 ms', backoff_max => '10 ms')",
+                  (name + "_poison", f"{name}_poison(jsonb)"))
+    setup_queue(cluster, name)
+    poison = q(cluster, "SELECT queue.enqueue(%s)", (name + "_poison",))
+    enqueue(cluster, name, 100)
+    wait_all_terminal(cluster, name + "_poison", 1, timeout=120)
+    wait_all_terminal(cluster, name, 100, timeout=120)
+    with cluster.connect() as c:
+        st = c.execute("SELECT state::text, attempts FROM queue.status(%s)", (poison,)).fetchone()
+    assert st == ("failed", 3)
+    assert assert_exactly_once(cluster, name, 100) == {"succeeded": 100}
+    # Other jobs hit by the poison job's executor dying got an attempt recorded, not lost.
