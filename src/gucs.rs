@@ -15,6 +15,9 @@ static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(64);
 /// An executor commits its batch once it has run handlers for this long.
 static BATCH_TIME_MS: GucSetting<i32> = GucSetting::<i32>::new(50);
+/// On SIGTERM (shutdown, or fewer `queue.max_workers`) an executor lets the running handler
+/// finish for this long; after that it abandons the job, which is recovered on restart.
+static SHUTDOWN_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5000);
 /// How often the launcher runs its maintenance duties (reaping, partitions).
 static MAINTENANCE_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 
@@ -62,6 +65,16 @@ pub fn init() {
         &BATCH_TIME_MS,
         1,
         60_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"queue.shutdown_timeout",
+        c"How long a stopping executor lets its running handler finish.",
+        c"After this the job is abandoned and recovered when the server runs again.",
+        &SHUTDOWN_TIMEOUT_MS,
+        0,
+        3_600_000,
         GucContext::Sighup,
         GucFlags::UNIT_MS,
     );
@@ -115,4 +128,8 @@ pub fn batch_time() -> Duration {
 
 pub fn maintenance_interval() -> Duration {
     Duration::from_millis(MAINTENANCE_INTERVAL_MS.get().max(100) as u64)
+}
+
+pub fn shutdown_timeout_ms() -> i64 {
+    SHUTDOWN_TIMEOUT_MS.get().max(0) as i64
 }

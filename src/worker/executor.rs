@@ -81,7 +81,7 @@ struct Executor {
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn pg_queue_executor_main(arg: pg_sys::Datum) {
-    super::attach_signal_handlers();
+    super::attach_executor_signal_handlers();
     let slot = arg.value();
     let dboid: u32 = BackgroundWorker::get_extra().parse().unwrap_or(0);
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(dboid)), None);
@@ -106,6 +106,10 @@ pub extern "C-unwind" fn pg_queue_executor_main(arg: pg_sys::Datum) {
     };
     loop {
         super::reload_config_if_asked();
+        if super::shutdown_requested() && ex.claimed.is_empty() {
+            log!("pg_queue executor {slot} stopping");
+            break;
+        }
         let sleep = ex.tick();
         if let Some(timeout) = sleep {
             super::report_activity("idle", false);
@@ -213,9 +217,24 @@ fn run_batch(
                 continue;
             }
             outcomes.push(run_job(&job, slot));
-            if started.elapsed() >= gucs::batch_time() {
+            if started.elapsed() >= gucs::batch_time() || super::shutdown_requested() {
                 break;
             }
+        }
+        if super::shutdown_requested() {
+            // Stopping: jobs claimed but not started go back to queued, attempt not counted.
+            outcomes.extend(
+                claimed
+                    .drain(..)
+                    .filter(|j| owned.contains(&j.id))
+                    .map(|j| Outcome {
+                        id: j.id,
+                        lease_token: j.lease_token,
+                        state: crate::state::JobState::Queued,
+                        result: None,
+                        error: None,
+                    }),
+            );
         }
         record(client, &outcomes)?;
     }
@@ -224,7 +243,7 @@ fn run_batch(
         claimed: VecDeque::new(),
         next_ready_in: None,
     };
-    if report.leftover.is_empty() {
+    if report.leftover.is_empty() && !super::shutdown_requested() {
         // Idle from before the claim's snapshot: an enqueue committing after it wakes us.
         shmem::set_idle(slot, true);
         report.claimed = claim(client, executor_id, batch, turn)?;
@@ -404,7 +423,9 @@ fn error_json(e: &SqlError, attempt: i32) -> String {
 }
 
 /// Records the outcomes of a batch in one statement, fenced on each job's lease token:
-/// succeeded and failed jobs move to history, retries go back to queued with backoff.
+/// succeeded, failed and cancelled jobs move to history; retries go back to queued with
+/// backoff; a job released unstarted (state queued, no error) goes back with its attempt
+/// uncounted.
 const RECORD_SQL: &str = "
 WITH o AS (
     SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[]::queue.job_state[], $4::text[]::jsonb[],
@@ -414,10 +435,12 @@ WITH o AS (
     UPDATE queue.jobs j
        SET state = 'queued', started_at = NULL, worker_pid = NULL, worker_id = NULL,
            lease_token = NULL,
-           errors = j.errors || (o.error || jsonb_build_object('at', clock_timestamp())),
-           run_at = clock_timestamp() + coalesce(
+           attempts = j.attempts - (o.error IS NULL)::int,
+           errors = CASE WHEN o.error IS NULL THEN j.errors
+                         ELSE j.errors || (o.error || jsonb_build_object('at', clock_timestamp())) END,
+           run_at = CASE WHEN o.error IS NULL THEN j.run_at ELSE clock_timestamp() + coalesce(
                (SELECT queue.backoff(q.backoff_base, q.backoff_max, j.attempts)
-                  FROM queue.queues q WHERE q.name = j.queue), interval '0')
+                  FROM queue.queues q WHERE q.name = j.queue), interval '0') END
       FROM o
      WHERE o.state = 'queued' AND j.id = o.id AND j.state = 'running' AND j.lease_token = o.token
 ), finished AS (

@@ -11,18 +11,31 @@ use pgrx::pg_sys::panic::CaughtError;
 use pgrx::PgTryBuilder;
 use std::ffi::CString;
 use std::panic::UnwindSafe;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, Ordering};
 
 // Symbols pgrx does not bind (utils/timeout.h, storage/ipc.h) or binds only as Rust
 // wrappers that cannot be used as C signal handlers.
 unsafe extern "C-unwind" {
     fn enable_timeout_after(id: std::ffi::c_int, delay_ms: std::ffi::c_int);
+    fn enable_timeout_every(
+        id: std::ffi::c_int,
+        fin_time: pg_sys::TimestampTz,
+        delay_ms: std::ffi::c_int,
+    );
     fn disable_timeout(id: std::ffi::c_int, keep_indicator: bool);
+    fn RegisterTimeout(
+        id: std::ffi::c_int,
+        handler: Option<unsafe extern "C-unwind" fn()>,
+    ) -> std::ffi::c_int;
     #[link_name = "die"]
     fn pg_die(signal: std::ffi::c_int);
 }
 /// `STATEMENT_TIMEOUT` in enum TimeoutId (utils/timeout.h); the same value in PG 13-17.
 const STATEMENT_TIMEOUT: std::ffi::c_int = 3;
+/// `USER_TIMEOUT` in PG15's enum TimeoutId: asks RegisterTimeout for a free id.
+const USER_TIMEOUT: std::ffi::c_int = 12;
+/// While a handler runs, the shutdown check fires this often.
+const SHUTDOWN_CHECK_MS: std::ffi::c_int = 100;
 
 /// An ERROR caught from SQL: what is recorded in a job's `errors`.
 #[derive(Debug, Clone)]
@@ -134,8 +147,17 @@ pub fn subtransaction<R>(f: impl FnOnce() -> R + UnwindSafe) -> Result<R, SqlErr
 /// statement timeout".
 pub fn arm_statement_timeout(ms: i32) {
     IN_HANDLER.store(true, Ordering::SeqCst);
-    // SAFETY: InitPostgres registered STATEMENT_TIMEOUT's handler in every backend.
-    unsafe { enable_timeout_after(STATEMENT_TIMEOUT, ms.max(1)) }
+    SHUTDOWN_GRACE_US.store(crate::gucs::shutdown_timeout_ms() * 1000, Ordering::SeqCst);
+    // SAFETY: InitPostgres registered STATEMENT_TIMEOUT's handler in every backend; the
+    // shutdown check's id was registered by attach_executor_signal_handlers.
+    unsafe {
+        enable_timeout_after(STATEMENT_TIMEOUT, ms.max(1));
+        let check = SHUTDOWN_CHECK_ID.load(Ordering::Relaxed);
+        if check >= 0 {
+            let first = pg_sys::GetCurrentTimestamp() + SHUTDOWN_CHECK_MS as i64 * 1000;
+            enable_timeout_every(check, first, SHUTDOWN_CHECK_MS);
+        }
+    }
 }
 
 /// Disarms the statement timeout and forgets a cancel that arrived for the finished
@@ -145,6 +167,10 @@ pub fn disarm_statement_timeout() {
     // SAFETY: disabling an unarmed timeout is a no-op; the flags are this process's own.
     unsafe {
         disable_timeout(STATEMENT_TIMEOUT, false);
+        let check = SHUTDOWN_CHECK_ID.load(Ordering::Relaxed);
+        if check >= 0 {
+            disable_timeout(check, false);
+        }
         pg_sys::QueryCancelPending = 0;
     }
 }
@@ -153,6 +179,51 @@ pub fn disarm_statement_timeout() {
 /// interrupt anything. A cancel arriving between handlers must not fail the executor's own
 /// bookkeeping; `queue.cancel()` leaves its request in shared memory for the next check.
 static IN_HANDLER: AtomicBool = AtomicBool::new(false);
+
+/// When SIGTERM arrived (a TimestampTz), 0 if it has not.
+static SHUTDOWN_REQUESTED_AT: AtomicI64 = AtomicI64::new(0);
+/// `queue.shutdown_timeout` in microseconds, copied when a handler starts (signal handlers
+/// read only atomics).
+static SHUTDOWN_GRACE_US: AtomicI64 = AtomicI64::new(0);
+/// The timeout id of `shutdown_check`, registered at executor start (-1: none).
+static SHUTDOWN_CHECK_ID: AtomicI32 = AtomicI32::new(-1);
+
+/// Whether this executor was asked to stop (SIGTERM).
+pub fn shutdown_requested() -> bool {
+    SHUTDOWN_REQUESTED_AT.load(Ordering::SeqCst) != 0
+}
+
+/// Executor SIGTERM handler: note the time and wake the loop. The running handler may go
+/// on for `queue.shutdown_timeout` (see shutdown_check).
+unsafe extern "C-unwind" fn on_sigterm(_signal: std::ffi::c_int) {
+    // SAFETY: async-signal-safe: atomics, gettimeofday, SetLatch; errno preserved.
+    unsafe {
+        let saved = *libc::__errno_location();
+        let _ = SHUTDOWN_REQUESTED_AT.compare_exchange(
+            0,
+            pg_sys::GetCurrentTimestamp().max(1),
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
+        pg_sys::SetLatch(pg_sys::MyLatch);
+        *libc::__errno_location() = saved;
+    }
+}
+
+/// Timeout handler, every SHUTDOWN_CHECK_MS while a handler runs: once the grace period
+/// after SIGTERM is over, make the next CHECK_FOR_INTERRUPTS end the process (as `die`).
+unsafe extern "C-unwind" fn shutdown_check() {
+    let at = SHUTDOWN_REQUESTED_AT.load(Ordering::SeqCst);
+    // SAFETY: called from the SIGALRM handler; flag writes and SetLatch only.
+    unsafe {
+        if at != 0 && pg_sys::GetCurrentTimestamp() - at >= SHUTDOWN_GRACE_US.load(Ordering::SeqCst)
+        {
+            pg_sys::ProcDiePending = 1;
+            pg_sys::InterruptPending = 1;
+            pg_sys::SetLatch(pg_sys::MyLatch);
+        }
+    }
+}
 
 /// SIGINT handler: Postgres' StatementCancelHandler, limited to the time a handler runs.
 unsafe extern "C-unwind" fn on_sigint(_signal: std::ffi::c_int) {
@@ -168,9 +239,22 @@ unsafe extern "C-unwind" fn on_sigint(_signal: std::ffi::c_int) {
     }
 }
 
-/// SIGTERM: Postgres' own handler, so the next CHECK_FOR_INTERRUPTS ends the process even in
-/// the middle of a handler (its transaction rolls back; the job is reaped). SIGHUP: pgrx's,
-/// which sets a flag and the latch. SIGINT: `on_sigint`.
+/// Executors: SIGTERM asks for a graceful stop (`on_sigterm`, `shutdown_check`), SIGINT
+/// interrupts only handlers, SIGHUP reloads settings.
+pub fn attach_executor_signal_handlers() {
+    attach_signal_handlers();
+    // SAFETY: on_sigterm is async-signal-safe; RegisterTimeout runs once, at start.
+    unsafe {
+        pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(on_sigterm));
+        SHUTDOWN_CHECK_ID.store(
+            RegisterTimeout(USER_TIMEOUT, Some(shutdown_check)),
+            Ordering::Relaxed,
+        );
+    }
+}
+
+/// SIGTERM: Postgres' own handler, so the next CHECK_FOR_INTERRUPTS ends the process.
+/// SIGHUP: pgrx's, which sets a flag and the latch. SIGINT: `on_sigint`.
 pub fn attach_signal_handlers() {
     pgrx::bgworkers::BackgroundWorker::attach_signal_handlers(
         pgrx::bgworkers::SignalWakeFlags::SIGHUP,
