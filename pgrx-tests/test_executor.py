@@ -125,6 +125,20 @@ def test_function_handler_result_and_current_job(db, name):
     assert result["job"]["queue"] == name and result["job"]["attempt"] == 1
 
 
+def create_queue_as(db, role, name, **opts):
+    """As `role` (a plain role), create queue `name` with handler `{name}_h(jsonb)`."""
+    db.execute(f"GRANT EXECUTE ON PROCEDURE {name}_h(jsonb) TO {role}")
+    db.execute("GRANT USAGE ON SCHEMA queue TO " + role)
+    db.execute("GRANT ALL ON ALL TABLES IN SCHEMA queue TO " + role)
+    db.execute(f"SET ROLE {role}")
+    try:
+        args = "".join(f", {k} => %({k})s" for k in opts)
+        db.execute(f"SELECT queue.create_queue(%(q)s, %(h)s{args})",
+                   {"q": name, "h": f"{name}_h(jsonb)", **opts})
+    finally:
+        db.execute("RESET ROLE")
+
+
 def test_handler_runs_as_queue_owner(cluster, db, name):
     role = name + "_owner"
     db.execute(f"CREATE ROLE {role} LOGIN")
@@ -133,12 +147,7 @@ def test_handler_runs_as_queue_owner(cluster, db, name):
     db.execute(f"CREATE PROCEDURE {name}_h(payload jsonb) LANGUAGE sql AS $$ "
                f"INSERT INTO {name} SELECT current_user, (SELECT rolsuper FROM pg_roles "
                f"WHERE rolname = current_user) $$")
-    db.execute(f"GRANT EXECUTE ON PROCEDURE {name}_h(jsonb) TO {role}")
-    db.execute("GRANT USAGE ON SCHEMA queue TO " + role)
-    db.execute("GRANT ALL ON ALL TABLES IN SCHEMA queue TO " + role)
-    db.execute(f"SET ROLE {role}")
-    db.execute("SELECT queue.create_queue(%s, %s)", (name, f"{name}_h(jsonb)"))
-    db.execute("RESET ROLE")
+    create_queue_as(db, role, name)
     db.execute("SELECT queue.enqueue(%s)", (name,))
     wait_terminal(db, name, 1)
     assert db.execute(f"SELECT who, is_super FROM {name}").fetchall() == [(role, False)]
@@ -150,12 +159,7 @@ def test_handler_without_privilege_fails_cleanly(db, name):
     db.execute(f"CREATE ROLE {role}")
     db.execute(f"CREATE TABLE {name} (n int)")
     db.execute(f"CREATE PROCEDURE {name}_h(payload jsonb) LANGUAGE sql AS $$ INSERT INTO {name} VALUES (1) $$")
-    db.execute(f"GRANT EXECUTE ON PROCEDURE {name}_h(jsonb) TO {role}")
-    db.execute("GRANT USAGE ON SCHEMA queue TO " + role)
-    db.execute("GRANT ALL ON ALL TABLES IN SCHEMA queue TO " + role)
-    db.execute(f"SET ROLE {role}")
-    db.execute("SELECT queue.create_queue(%s, %s, max_attempts => 1)", (name, f"{name}_h(jsonb)"))
-    db.execute("RESET ROLE")
+    create_queue_as(db, role, name, max_attempts=1)
     job = scalar(db, "SELECT queue.enqueue(%s)", (name,))
     assert wait_terminal(db, name, 1) == {"failed": 1}
     errors = scalar(db, "SELECT errors FROM queue.status(%s)", (job,))

@@ -40,16 +40,23 @@ def test_max_workers_applies_on_reload(db):
     wait_for(lambda: executors(db) == 2, timeout=20, what="two executors")
 
 
-def test_stop_lets_a_short_job_finish(cluster, name):
+def stop_with_job_in_flight(cluster, name, seconds, grace):
+    """Starts a job whose handler sleeps `seconds`, stops the server (fast) while it runs
+    with queue.shutdown_timeout = grace, starts it again. Returns (job, stop duration)."""
     with cluster.connect() as db:
-        set_and_reload(db, "queue.shutdown_timeout", "10s")
-        make(db, name, 1.0)
+        set_and_reload(db, "queue.shutdown_timeout", grace)
+        make(db, name, seconds)
         job = scalar(db, "SELECT queue.enqueue(%s)", (name,))
         wait_running(cluster, db, name, job)
     t0 = time.monotonic()
     cluster.stop(mode="fast")
     took = time.monotonic() - t0
     cluster.start()
+    return job, took
+
+
+def test_stop_lets_a_short_job_finish(cluster, name):
+    job, took = stop_with_job_in_flight(cluster, name, 1.0, "10s")
     with cluster.connect() as db:
         # Finished during shutdown: one attempt, effects committed once.
         st = db.execute("SELECT state::text, attempts FROM queue.status(%s)", (job,)).fetchone()
@@ -60,16 +67,8 @@ def test_stop_lets_a_short_job_finish(cluster, name):
 
 
 def test_stop_abandons_a_long_job_after_the_grace_period(cluster, name):
-    with cluster.connect() as db:
-        set_and_reload(db, "queue.shutdown_timeout", "300ms")
-        make(db, name, 5.0)
-        job = scalar(db, "SELECT queue.enqueue(%s)", (name,))
-        wait_running(cluster, db, name, job)
-    t0 = time.monotonic()
-    cluster.stop(mode="fast")
-    took = time.monotonic() - t0
+    job, took = stop_with_job_in_flight(cluster, name, 5.0, "300ms")
     assert took < 4, took  # did not wait for the 5 s handler
-    cluster.start()
     with cluster.connect() as db:
         wait_terminal(db, name, 1, timeout=60)
         st = db.execute("SELECT state::text, attempts, errors->0->>'message' FROM queue.status(%s)",

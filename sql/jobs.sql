@@ -1,24 +1,6 @@
 -- Jobs: enqueue, enqueue_many, cancel, status, retry, and the job_status view.
 -- Requires queue.uuid_generate_v7() and queue.wake_executors() (src/api/mod.rs).
 
--- queue_for_enqueue: the queue's row, or 42704 when there is none.
-CREATE FUNCTION queue.queue_for_enqueue(queue_name text) RETURNS queue.queues
-LANGUAGE plpgsql STABLE AS $$
-DECLARE
-    q queue.queues;
-BEGIN
-    IF queue_name IS NULL THEN
-        RAISE EXCEPTION 'queue must not be NULL' USING ERRCODE = 'null_value_not_allowed';
-    END IF;
-    SELECT * INTO q FROM queue.queues WHERE name = queue_name;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'queue "%" does not exist', queue_name USING ERRCODE = 'undefined_object',
-            HINT = 'Create it with queue.create_queue().';
-    END IF;
-    RETURN q;
-END
-$$;
-
 -- check_job_options: the per-job options enqueue and enqueue_many share.
 CREATE FUNCTION queue.check_job_options(priority integer, max_attempts integer, timeout interval)
 RETURNS void LANGUAGE plpgsql IMMUTABLE AS $$
@@ -44,7 +26,7 @@ CREATE FUNCTION queue.enqueue(
     timeout      interval    DEFAULT NULL)
 RETURNS uuid LANGUAGE plpgsql AS $$
 DECLARE
-    q queue.queues := queue.queue_for_enqueue(queue);
+    q queue.queues := queue.find_queue(queue);
     job_id uuid := queue.uuid_generate_v7();
 BEGIN
     IF payload IS NULL THEN
@@ -73,7 +55,7 @@ CREATE FUNCTION queue.enqueue_many(
     timeout      interval    DEFAULT NULL)
 RETURNS SETOF uuid LANGUAGE plpgsql AS $$
 DECLARE
-    q queue.queues := queue.queue_for_enqueue(queue);
+    q queue.queues := queue.find_queue(queue);
     n integer;
 BEGIN
     IF payloads IS NULL OR array_position(payloads, NULL) IS NOT NULL THEN
@@ -183,7 +165,7 @@ BEGIN
     IF h.state = 'succeeded' THEN
         RETURN false;
     END IF;
-    PERFORM queue.queue_for_enqueue(h.queue);
+    PERFORM queue.find_queue(h.queue);
     -- A retried job gets its full attempts again; its errors stay, each naming its attempt.
     WITH d AS (DELETE FROM queue.history x
                 WHERE x.id = retry.id AND x.state IN ('failed', 'cancelled')

@@ -59,19 +59,34 @@ BEGIN
 END
 $$;
 
--- lock_queue: the queue row, locked, after checking the caller may administer it.
-CREATE FUNCTION queue.lock_queue(queue_name text) RETURNS queue.queues
-LANGUAGE plpgsql AS $$
+-- find_queue: the queue's row (locked when for_update), 22004 for NULL, 42704 when none.
+CREATE FUNCTION queue.find_queue(queue_name text, for_update boolean DEFAULT false)
+RETURNS queue.queues LANGUAGE plpgsql AS $$
 DECLARE
     q queue.queues;
 BEGIN
     IF queue_name IS NULL THEN
         RAISE EXCEPTION 'queue must not be NULL' USING ERRCODE = 'null_value_not_allowed';
     END IF;
-    SELECT * INTO q FROM queue.queues WHERE name = queue_name FOR UPDATE;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'queue "%" does not exist', queue_name USING ERRCODE = 'undefined_object';
+    IF for_update THEN
+        SELECT * INTO q FROM queue.queues WHERE name = queue_name FOR UPDATE;
+    ELSE
+        SELECT * INTO q FROM queue.queues WHERE name = queue_name;
     END IF;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'queue "%" does not exist', queue_name USING ERRCODE = 'undefined_object',
+            HINT = 'Create it with queue.create_queue().';
+    END IF;
+    RETURN q;
+END
+$$;
+
+-- lock_queue: the queue row, locked, after checking the caller may administer it.
+CREATE FUNCTION queue.lock_queue(queue_name text) RETURNS queue.queues
+LANGUAGE plpgsql AS $$
+DECLARE
+    q queue.queues := queue.find_queue(queue_name, true);
+BEGIN
     IF NOT pg_has_role(current_user, q.owner, 'USAGE') THEN
         RAISE EXCEPTION 'must be owner of queue "%"', queue_name USING ERRCODE = 'insufficient_privilege';
     END IF;
