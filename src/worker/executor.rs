@@ -211,13 +211,17 @@ fn run_batch(
     let mut outcomes = Vec::with_capacity(claimed.len());
     if !claimed.is_empty() {
         let owned = lock_owned(client, &claimed)?;
-        while let Some(job) = claimed.pop_front() {
+        // Stop starting handlers once asked to shut down or once the batch ran long enough.
+        while !super::shutdown_requested() {
+            let Some(job) = claimed.pop_front() else {
+                break;
+            };
             if !owned.contains(&job.id) {
                 // Reaped or cancelled meanwhile: not ours to run any more.
                 continue;
             }
             outcomes.push(run_job(&job, slot));
-            if started.elapsed() >= gucs::batch_time() || super::shutdown_requested() {
+            if started.elapsed() >= gucs::batch_time() {
                 break;
             }
         }
