@@ -134,14 +134,17 @@ impl Executor {
         let claimed = std::mem::take(&mut self.claimed);
         let (slot, id, batch, turn) = (self.slot, self.id, self.batch, self.turn);
         let result = transaction(move || {
+            // An Err must abort the transaction (handlers' writes must not commit without
+            // their jobs' outcomes), so it becomes an ERROR here.
             Spi::connect_mut(|client| run_batch(client, claimed, slot, id, batch, turn))
+                .unwrap_or_else(|e| pgrx::error!("{e}"))
         });
         match result {
-            Ok(Ok(BatchReport {
+            Ok(BatchReport {
                 leftover,
                 claimed,
                 next_ready_in,
-            })) => {
+            }) => {
                 let finished_in_time =
                     leftover.is_empty() && started.elapsed() < gucs::batch_time();
                 self.batch = if finished_in_time {
@@ -162,7 +165,7 @@ impl Executor {
                     )
                 }
             }
-            Ok(Err(e)) | Err(e) => {
+            Err(e) => {
                 // Our own bookkeeping failed (not a handler: those are caught per job). The
                 // batch rolled back; hand its jobs to the reaper's rules right away.
                 log!("pg_queue executor: batch failed: {e}; releasing its jobs");
