@@ -263,10 +263,6 @@ fn run_batch(
     Ok(report)
 }
 
-fn spi_err(e: pgrx::spi::SpiError) -> SqlError {
-    SqlError::internal(format!("SPI: {e}"))
-}
-
 /// Locks the claimed jobs we still own, so nothing else (reaper, forced drop) moves them
 /// while their handlers run. Returns their ids.
 fn lock_owned(
@@ -275,19 +271,17 @@ fn lock_owned(
 ) -> Result<Vec<pgrx::Uuid>, SqlError> {
     let ids: Vec<pgrx::Uuid> = claimed.iter().map(|c| c.id).collect();
     let tokens: Vec<pgrx::Uuid> = claimed.iter().map(|c| c.lease_token).collect();
-    let rows = client
-        .update(
-            "SELECT j.id FROM queue.jobs j
+    let rows = client.update(
+        "SELECT j.id FROM queue.jobs j
                JOIN unnest($1::uuid[], $2::uuid[]) AS c(id, token) ON j.id = c.id
               WHERE j.state = 'running' AND j.lease_token = c.token
               FOR NO KEY UPDATE OF j",
-            None,
-            &[ids.into(), tokens.into()],
-        )
-        .map_err(spi_err)?;
+        None,
+        &[ids.into(), tokens.into()],
+    )?;
     let mut owned = Vec::with_capacity(rows.len());
     for row in rows {
-        if let Some(id) = row.get::<pgrx::Uuid>(1).map_err(spi_err)? {
+        if let Some(id) = row.get::<pgrx::Uuid>(1)? {
             owned.push(id);
         }
     }
@@ -393,22 +387,23 @@ fn call_handler(sql: &str, job: &Claimed) -> Result<Option<String>, SqlError> {
                 sec | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
             );
         }
-        super::arm_statement_timeout(timeout_ms);
+        super::enter_handler(timeout_ms);
         let r = if keeps_result {
             Spi::get_one_with_args::<String>(sql, &[payload.into()])
         } else {
             Spi::run_with_args(sql, &[payload.into()]).map(|_| None)
         };
-        super::disarm_statement_timeout();
+        super::leave_handler();
         // SAFETY: as above.
         unsafe { pg_sys::SetUserIdAndSecContext(user, sec) };
         r
     });
-    super::disarm_statement_timeout();
     match r {
-        Ok(Ok(result)) => Ok(result),
-        Ok(Err(e)) => Err(SqlError::internal(format!("SPI: {e}"))),
-        Err(e) => Err(e),
+        Ok(r) => Ok(r?),
+        Err(e) => {
+            super::leave_handler(); // the ERROR skipped the call above
+            Err(e)
+        }
     }
 }
 
@@ -472,19 +467,17 @@ fn record(client: &mut SpiClient<'_>, outcomes: &[Outcome]) -> Result<(), SqlErr
     let states: Vec<&str> = outcomes.iter().map(|o| o.state.as_str()).collect();
     let results: Vec<Option<&str>> = outcomes.iter().map(|o| o.result.as_deref()).collect();
     let errors: Vec<Option<&str>> = outcomes.iter().map(|o| o.error.as_deref()).collect();
-    client
-        .update(
-            RECORD_SQL,
-            None,
-            &[
-                ids.into(),
-                tokens.into(),
-                states.into(),
-                results.into(),
-                errors.into(),
-            ],
-        )
-        .map_err(spi_err)?;
+    client.update(
+        RECORD_SQL,
+        None,
+        &[
+            ids.into(),
+            tokens.into(),
+            states.into(),
+            results.into(),
+            errors.into(),
+        ],
+    )?;
     Ok(())
 }
 
@@ -537,70 +530,53 @@ fn claim(
     // SAFETY: statement_timestamp() in the claim is the start of the claim, not of the batch.
     unsafe { pg_sys::SetCurrentStatementStartTimestamp() };
     let mut queues = Vec::new();
-    for row in client
-        .update(READY_QUEUES_SQL, None, &[])
-        .map_err(spi_err)?
-    {
-        let name: Option<String> = row.get(1).map_err(spi_err)?;
+    for row in client.update(READY_QUEUES_SQL, None, &[])? {
+        let name: Option<String> = row.get(1)?;
         let Some(name) = name else { continue };
         queues.push((
             name,
-            row.get::<i32>(2).map_err(spi_err)?.unwrap_or(1),
+            row.get::<i32>(2)?.unwrap_or(1),
             Handler {
-                owner: row
-                    .get::<pg_sys::Oid>(3)
-                    .map_err(spi_err)?
-                    .unwrap_or(pg_sys::Oid::INVALID),
-                call_sql: row.get::<String>(5).map_err(spi_err)?,
-                keeps_result: row.get::<bool>(6).map_err(spi_err)?.unwrap_or(false),
+                owner: row.get::<pg_sys::Oid>(3)?.unwrap_or(pg_sys::Oid::INVALID),
+                call_sql: row.get::<String>(5)?,
+                keeps_result: row.get::<bool>(6)?.unwrap_or(false),
             },
-            row.get::<i32>(4).map_err(spi_err)?.unwrap_or(300_000),
+            row.get::<i32>(4)?.unwrap_or(300_000),
         ));
     }
     let n = queues.len();
     for i in 0..n {
         let (name, concurrency, handler, queue_timeout) = &queues[(turn + i) % n];
-        client
-            .update(
-                "SELECT pg_advisory_xact_lock($1, hashtext($2))",
-                None,
-                &[ADVISORY_LOCK_SPACE.into(), name.as_str().into()],
-            )
-            .map_err(spi_err)?;
-        let rows = client
-            .update(
-                CLAIM_SQL,
-                None,
-                &[
-                    name.as_str().into(),
-                    limit.into(),
-                    (*concurrency).into(),
-                    executor_id.into(),
-                ],
-            )
-            .map_err(spi_err)?;
+        client.update(
+            "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+            None,
+            &[ADVISORY_LOCK_SPACE.into(), name.as_str().into()],
+        )?;
+        let rows = client.update(
+            CLAIM_SQL,
+            None,
+            &[
+                name.as_str().into(),
+                limit.into(),
+                (*concurrency).into(),
+                executor_id.into(),
+            ],
+        )?;
         let mut claimed = VecDeque::with_capacity(rows.len());
         for row in rows {
-            let (Some(id), Some(lease_token)) = (
-                row.get::<pgrx::Uuid>(1).map_err(spi_err)?,
-                row.get::<pgrx::Uuid>(2).map_err(spi_err)?,
-            ) else {
+            let (Some(id), Some(lease_token)) =
+                (row.get::<pgrx::Uuid>(1)?, row.get::<pgrx::Uuid>(2)?)
+            else {
                 continue;
             };
             claimed.push_back(Claimed {
                 id,
                 lease_token,
                 queue: name.clone(),
-                attempt: row.get::<i32>(3).map_err(spi_err)?.unwrap_or(1),
-                max_attempts: row.get::<i32>(4).map_err(spi_err)?.unwrap_or(1),
-                payload: row
-                    .get::<String>(5)
-                    .map_err(spi_err)?
-                    .unwrap_or_else(|| "{}".into()),
-                timeout_ms: row
-                    .get::<i32>(6)
-                    .map_err(spi_err)?
-                    .unwrap_or(*queue_timeout),
+                attempt: row.get::<i32>(3)?.unwrap_or(1),
+                max_attempts: row.get::<i32>(4)?.unwrap_or(1),
+                payload: row.get::<String>(5)?.unwrap_or_else(|| "{}".into()),
+                timeout_ms: row.get::<i32>(6)?.unwrap_or(*queue_timeout),
                 handler: handler.clone(),
             });
         }
@@ -619,11 +595,9 @@ fn next_ready_in(client: &mut SpiClient<'_>) -> Result<Option<Duration>, SqlErro
                FROM queue.jobs WHERE state = 'queued' AND run_at > statement_timestamp()",
             None,
             &[],
-        )
-        .map_err(spi_err)?
+        )?
         .first()
-        .get_one::<i64>()
-        .map_err(spi_err)?;
+        .get_one::<i64>()?;
     Ok(ms.map(|ms| Duration::from_millis(ms.max(1) as u64)))
 }
 

@@ -71,12 +71,12 @@ pub fn reap(
         ],
     )
     .map(|n| n.unwrap_or(0))
-    .map_err(|e| SqlError::internal(format!("SPI: {e}")))
+    .map_err(SqlError::from)
 }
 
 /// Creates tomorrow's and the next days' history partitions if missing.
 pub fn create_partitions() -> Result<i32, SqlError> {
     Spi::get_one::<i32>("SELECT queue.create_history_partitions(3)")
         .map(|n| n.unwrap_or(0))
-        .map_err(|e| SqlError::internal(format!("SPI: {e}")))
+        .map_err(SqlError::from)
 }

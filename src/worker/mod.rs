@@ -32,8 +32,12 @@ unsafe extern "C-unwind" {
 }
 /// `STATEMENT_TIMEOUT` in enum TimeoutId (utils/timeout.h); the same value in PG 13-17.
 const STATEMENT_TIMEOUT: std::ffi::c_int = 3;
-/// `USER_TIMEOUT` in PG15's enum TimeoutId: asks RegisterTimeout for a free id.
+/// `USER_TIMEOUT` in enum TimeoutId: asks RegisterTimeout for a free id. PG17 inserted
+/// TRANSACTION_TIMEOUT before it.
+#[cfg(not(any(feature = "pg17", feature = "pg18")))]
 const USER_TIMEOUT: std::ffi::c_int = 12;
+#[cfg(any(feature = "pg17", feature = "pg18"))]
+const USER_TIMEOUT: std::ffi::c_int = 13;
 /// While a handler runs, the shutdown check fires this often.
 const SHUTDOWN_CHECK_MS: std::ffi::c_int = 100;
 
@@ -67,6 +71,13 @@ impl SqlError {
             detail: None,
             hint: None,
         }
+    }
+}
+
+/// An SPI-level failure (not an ERROR, which unwinds to `transaction`/`subtransaction`).
+impl From<pgrx::spi::SpiError> for SqlError {
+    fn from(e: pgrx::spi::SpiError) -> SqlError {
+        SqlError::internal(format!("SPI: {e}"))
     }
 }
 
@@ -142,10 +153,10 @@ pub fn subtransaction<R>(f: impl FnOnce() -> R + UnwindSafe) -> Result<R, SqlErr
     }
 }
 
-/// Arms the statement timeout for the next `ms` milliseconds and lets SIGINT in: when the
-/// timeout fires, the running statement fails with 57014 "canceling statement due to
-/// statement timeout".
-pub fn arm_statement_timeout(ms: i32) {
+/// A job's handler starts: arms the statement timeout for `ms` milliseconds (when it fires,
+/// the handler fails with 57014 "canceling statement due to statement timeout"), lets SIGINT
+/// in, and starts the periodic shutdown check.
+pub fn enter_handler(ms: i32) {
     IN_HANDLER.store(true, Ordering::SeqCst);
     SHUTDOWN_GRACE_US.store(crate::gucs::shutdown_timeout_ms() * 1000, Ordering::SeqCst);
     // SAFETY: InitPostgres registered STATEMENT_TIMEOUT's handler in every backend; the
@@ -160,9 +171,9 @@ pub fn arm_statement_timeout(ms: i32) {
     }
 }
 
-/// Disarms the statement timeout and forgets a cancel that arrived for the finished
-/// statement, so it cannot hit the executor's own bookkeeping.
-pub fn disarm_statement_timeout() {
+/// The handler ended: undoes `enter_handler` and forgets a cancel that arrived for it, so it
+/// cannot hit the executor's own bookkeeping.
+pub fn leave_handler() {
     IN_HANDLER.store(false, Ordering::SeqCst);
     // SAFETY: disabling an unarmed timeout is a no-op; the flags are this process's own.
     unsafe {
