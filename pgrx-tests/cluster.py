@@ -79,6 +79,9 @@ class Cluster:
                     raise
                 time.sleep(0.05)
 
+    def dsn(self, dbname="postgres", user="postgres"):
+        return f"host={self.dir} port={self.port} dbname={dbname} user={user}"
+
     def connect(self, autocommit=True, dbname="postgres", user="postgres"):
         return psycopg.connect(host=self.dir, port=self.port, dbname=dbname, user=user,
                                autocommit=autocommit)

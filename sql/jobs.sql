@@ -1,6 +1,31 @@
 -- Jobs: enqueue, enqueue_many, cancel, status, retry, and the job_status view.
 -- Requires queue.uuid_generate_v7() and queue.wake_executors() (src/api/mod.rs).
 
+-- channel: the NOTIFY channel of a queue. Queue names may be 63 characters but channels
+-- only 63 bytes in all, so a long name is shortened and made unique with its md5.
+CREATE FUNCTION queue.channel(queue text) RETURNS text
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+RETURN CASE WHEN octet_length(queue) <= 57 THEN 'queue.' || queue
+            ELSE 'queue.' || left(queue, 40) || '.' || left(md5(queue), 16) END;
+COMMENT ON FUNCTION queue.channel(text) IS
+    'The NOTIFY channel of a NOTIFY queue: ''queue.'' || name (names over 57 bytes are shortened with an md5). LISTEN to it as a quoted identifier.';
+
+-- announce: `n` jobs of queue `q` became ready in this transaction. Executors are woken at
+-- commit; for a NOTIFY queue a notification carries the job's id (empty when several
+-- became ready at once), delivered at commit like every NOTIFY.
+CREATE FUNCTION queue.announce(q queue.queues, n integer, job_id uuid) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF q.notify THEN
+        PERFORM pg_notify(queue.channel(q.name), CASE WHEN n = 1 THEN job_id::text ELSE '' END);
+    ELSE
+        PERFORM queue.wake_executors(n);
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION queue.announce(queue.queues, integer, uuid) IS
+    'Internal: wakes executors, or notifies the consumers of a NOTIFY queue, at commit.';
+
 -- check_job_options: the per-job options enqueue and enqueue_many share.
 CREATE FUNCTION queue.check_job_options(priority integer, max_attempts integer, timeout interval)
 RETURNS void LANGUAGE plpgsql IMMUTABLE AS $$
@@ -38,7 +63,7 @@ BEGIN
     VALUES (job_id, q.name, 'queued', payload, priority, coalesce(run_at, now()),
             coalesce(max_attempts, q.max_attempts), timeout, now());
     IF run_at IS NULL OR run_at <= now() THEN
-        PERFORM queue.wake_executors(1);
+        PERFORM queue.announce(q, 1, job_id);
     END IF;
     RETURN job_id;
 END
@@ -72,7 +97,7 @@ BEGIN
     RETURNING id;
     GET DIAGNOSTICS n = ROW_COUNT;
     IF n > 0 AND (run_at IS NULL OR run_at <= now()) THEN
-        PERFORM queue.wake_executors(n);
+        PERFORM queue.announce(q, n, NULL);
     END IF;
 END
 $$;
@@ -83,6 +108,7 @@ CREATE FUNCTION queue.cancel(id uuid) RETURNS boolean LANGUAGE plpgsql AS $$
 DECLARE
     st queue.job_state;
     pid integer;
+    held_by text;
 BEGIN
     IF id IS NULL THEN
         RAISE EXCEPTION 'id must not be NULL' USING ERRCODE = 'null_value_not_allowed';
@@ -90,7 +116,8 @@ BEGIN
     LOOP
         -- No row lock here: a running job's row is locked by its executor until the
         -- handler ends, and a cancel must not wait for that.
-        SELECT j.state, j.worker_pid INTO st, pid FROM queue.jobs j WHERE j.id = cancel.id;
+        SELECT j.state, j.worker_pid, j.consumer INTO st, pid, held_by
+          FROM queue.jobs j WHERE j.id = cancel.id;
         IF NOT FOUND THEN
             IF EXISTS (SELECT 1 FROM queue.history h WHERE h.id = cancel.id
                          AND h.finished_at >= queue.uuid_time(cancel.id) - interval '1 day') THEN
@@ -98,17 +125,23 @@ BEGIN
             END IF;
             RAISE EXCEPTION 'job % does not exist', id USING ERRCODE = 'undefined_object';
         END IF;
-        IF st = 'running' THEN
+        IF st = 'running' AND held_by IS NULL THEN
             -- The executor interrupts the handler and records the job as cancelled; a
             -- handler that already finished leaves it succeeded.
             RETURN queue.request_cancel(cancel.id, pid);
         END IF;
-        WITH d AS (DELETE FROM queue.jobs j WHERE j.id = cancel.id AND j.state IN ('queued', 'waiting')
+        -- A job held by an external consumer is cancelled at once: its lease token stops
+        -- matching, so the consumer's next heartbeat or complete returns false.
+        WITH d AS (DELETE FROM queue.jobs j
+                    WHERE j.id = cancel.id
+                      AND (j.state IN ('queued', 'waiting') OR j.consumer IS NOT NULL)
                    RETURNING j.*)
         INSERT INTO queue.history (id, queue, state, payload, priority, run_at, attempts, max_attempts,
-                                   timeout, created_at, started_at, finished_at, worker_pid, errors)
+                                   timeout, created_at, started_at, finished_at, worker_pid, consumer,
+                                   errors)
         SELECT d.id, d.queue, 'cancelled', d.payload, d.priority, d.run_at, d.attempts, d.max_attempts,
-               d.timeout, d.created_at, d.started_at, clock_timestamp(), d.worker_pid, d.errors
+               d.timeout, d.created_at, d.started_at, clock_timestamp(), d.worker_pid, d.consumer,
+               d.errors
           FROM d;
         IF FOUND THEN
             RETURN true;
@@ -118,7 +151,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION queue.cancel(uuid) IS
-    'Cancels a job: a queued one moves to history as cancelled at once; a running one has its handler interrupted and its effects rolled back. Returns false when the job already finished.';
+    'Cancels a job: a queued one moves to history as cancelled at once; a running one has its handler interrupted and its effects rolled back; one held by an external consumer is cancelled at once and the consumer''s lease token stops working. Returns false when the job already finished.';
 
 -- job_status: every job, live or finished, in one relation. Reading it in one statement
 -- takes one snapshot, so a job moving from jobs to history is never missed nor seen twice.
@@ -126,12 +159,12 @@ CREATE VIEW queue.job_status AS
 SELECT j.id, j.queue, j.state, j.state = 'queued' AND j.run_at > now() AS scheduled,
        j.attempts, j.max_attempts, j.priority, j.run_at, j.created_at, j.started_at,
        NULL::timestamptz AS finished_at, j.errors -> -1 ->> 'message' AS last_error,
-       j.errors, NULL::jsonb AS result, j.worker_pid, j.payload
+       j.errors, NULL::jsonb AS result, j.worker_pid, j.consumer, j.lease_expires_at, j.payload
   FROM queue.jobs j
 UNION ALL
 SELECT h.id, h.queue, h.state, false, h.attempts, h.max_attempts, h.priority, h.run_at,
        h.created_at, h.started_at, h.finished_at, h.errors -> -1 ->> 'message', h.errors,
-       h.result, h.worker_pid, h.payload
+       h.result, h.worker_pid, h.consumer, NULL::timestamptz, h.payload
   FROM queue.history h;
 COMMENT ON VIEW queue.job_status IS
     'All jobs, live and finished. Filter on id (or queue) to keep it cheap.';
@@ -149,6 +182,7 @@ COMMENT ON FUNCTION queue.status(uuid) IS
 CREATE FUNCTION queue.retry(id uuid) RETURNS boolean LANGUAGE plpgsql AS $$
 DECLARE
     h queue.history;
+    q queue.queues;
     n integer;
 BEGIN
     IF id IS NULL THEN
@@ -165,7 +199,7 @@ BEGIN
     IF h.state = 'succeeded' THEN
         RETURN false;
     END IF;
-    PERFORM queue.find_queue(h.queue);
+    q := queue.find_queue(h.queue);
     -- A retried job gets its full attempts again; its errors stay, each naming its attempt.
     WITH d AS (DELETE FROM queue.history x
                 WHERE x.id = retry.id AND x.state IN ('failed', 'cancelled')
@@ -178,7 +212,7 @@ BEGIN
       FROM d;
     GET DIAGNOSTICS n = ROW_COUNT;
     IF n > 0 THEN
-        PERFORM queue.wake_executors(1);
+        PERFORM queue.announce(q, 1, retry.id);
     END IF;
     RETURN n > 0;
 END

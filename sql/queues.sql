@@ -193,9 +193,9 @@ BEGIN
     END IF;
     WITH d AS (DELETE FROM queue.jobs WHERE jobs.queue = q.name RETURNING *)
     INSERT INTO queue.history (id, queue, state, payload, priority, run_at, attempts, max_attempts,
-                               timeout, created_at, started_at, finished_at, worker_pid, errors)
+                               timeout, created_at, started_at, finished_at, worker_pid, consumer, errors)
     SELECT id, queue, 'cancelled', payload, priority, run_at, attempts, max_attempts, timeout,
-           created_at, started_at, clock_timestamp(), worker_pid,
+           created_at, started_at, clock_timestamp(), worker_pid, consumer,
            errors || jsonb_build_object('attempt', attempts, 'at', clock_timestamp(),
                                         'message', 'queue dropped')
       FROM d;

@@ -53,8 +53,11 @@ CREATE TABLE queue.jobs (
     timeout           interval,                         -- NULL: the queue's
     created_at        timestamptz NOT NULL,
     started_at        timestamptz,                      -- start of the current attempt
-    worker_pid        integer,                          -- pid of the executor running it
+    worker_pid        integer,                          -- pid of the executor (or consumer's backend) running it
     worker_id         uuid,                             -- identity of that executor's life
+    consumer          text,                             -- external consumer holding it (NOTIFY queues)
+    lease             interval,                         -- the consumer's lease length
+    lease_expires_at  timestamptz,                      -- the consumer loses the job after this
     lease_token       uuid,                             -- fences every transition out of running
     errors            jsonb       NOT NULL DEFAULT '[]', -- one object per failed attempt
     CONSTRAINT jobs_live_state CHECK (state IN ('waiting', 'queued', 'running')),
@@ -62,7 +65,12 @@ CREATE TABLE queue.jobs (
     CONSTRAINT jobs_max_attempts_positive CHECK (max_attempts > 0),
     CONSTRAINT jobs_timeout_positive CHECK (timeout > interval '0'),
     CONSTRAINT jobs_running_has_owner CHECK
-        ((state = 'running') = (lease_token IS NOT NULL AND started_at IS NOT NULL))
+        ((state = 'running') = (lease_token IS NOT NULL AND started_at IS NOT NULL)),
+    -- An executor owns a job while it lives; a consumer until its lease expires.
+    CONSTRAINT jobs_one_owner CHECK (worker_id IS NULL OR consumer IS NULL),
+    CONSTRAINT jobs_consumer_has_lease CHECK
+        ((consumer IS NOT NULL) = (lease_expires_at IS NOT NULL AND lease IS NOT NULL)
+         AND (consumer IS NULL OR state = 'running'))
 ) WITH (fillfactor = 80, autovacuum_vacuum_scale_factor = 0.01,
         autovacuum_vacuum_insert_scale_factor = 0.01, autovacuum_vacuum_cost_delay = 0);
 
@@ -89,6 +97,7 @@ CREATE TABLE queue.history (
     started_at    timestamptz,
     finished_at   timestamptz NOT NULL,
     worker_pid    integer,
+    consumer      text,
     result        jsonb,
     errors        jsonb       NOT NULL,
     CONSTRAINT history_terminal_state CHECK (state IN ('succeeded', 'failed', 'cancelled')),

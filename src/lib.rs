@@ -44,6 +44,11 @@ extension_sql_file!(
         api::request_cancel
     ]
 );
+extension_sql_file!(
+    "../sql/consumers.sql",
+    name = "consumers",
+    requires = ["jobs", api::executors]
+);
 
 /// Called in every process that loads the library. Settings that can change at run time are
 /// defined everywhere; shared memory and the launcher only when preloaded.

@@ -85,6 +85,13 @@ pub fn register_executor(slot: usize, id: uuid::Uuid) -> bool {
 /// saw the executor stop).
 pub fn release_executor(slot: usize, pid: i32) {
     if let Some(s) = registry().and_then(|r| r.slots.get(slot)) {
+        if s.pid.load(Ordering::Acquire) != pid {
+            return;
+        }
+        // The next executor in this slot is started only once pid is 0, so until it
+        // registers, a reserved slot carries no id (its dead predecessor's jobs get reaped).
+        s.id_hi.store(0, Ordering::Relaxed);
+        s.id_lo.store(0, Ordering::Relaxed);
         let _ = s
             .pid
             .compare_exchange(pid, 0, Ordering::AcqRel, Ordering::Relaxed);
@@ -98,19 +105,34 @@ pub fn set_idle(slot: usize, idle: bool) {
     }
 }
 
-/// Life ids of every registered executor.
-pub fn live_executor_ids() -> Vec<uuid::Uuid> {
+/// A registered executor, as `queue.workers` and the reaper see it.
+pub struct ExecutorInfo {
+    pub slot: usize,
+    pub pid: i32,
+    pub idle: bool,
+    /// Its life id, recorded on the jobs it claims.
+    pub id: uuid::Uuid,
+}
+
+/// Every registered executor.
+pub fn executors() -> Vec<ExecutorInfo> {
     let Some(r) = registry() else {
         return Vec::new();
     };
     r.slots
         .iter()
-        .filter(|s| s.pid.load(Ordering::Acquire) != 0)
-        .map(|s| {
-            uuid::Uuid::from_u64_pair(
-                s.id_hi.load(Ordering::Relaxed),
-                s.id_lo.load(Ordering::Relaxed),
-            )
+        .enumerate()
+        .filter_map(|(slot, s)| {
+            let pid = s.pid.load(Ordering::Acquire);
+            (pid != 0).then(|| ExecutorInfo {
+                slot,
+                pid,
+                idle: s.idle.load(Ordering::Relaxed),
+                id: uuid::Uuid::from_u64_pair(
+                    s.id_hi.load(Ordering::Relaxed),
+                    s.id_lo.load(Ordering::Relaxed),
+                ),
+            })
         })
         .collect()
 }

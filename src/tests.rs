@@ -420,4 +420,283 @@ mod tests {
             Some("22023")
         );
     }
+
+    // ---- External consumers (sql/consumers.sql) ----
+
+    fn notify_queue(name: &str, settings: &str) {
+        Spi::run(&format!(
+            "SELECT queue.create_queue({}, notify => true{settings})",
+            pgrx::spi::quote_literal(name)
+        ))
+        .expect("create_queue");
+    }
+
+    /// Claims one job of `queue` for `consumer`; returns its id and lease token.
+    fn claim_one(queue: &str, consumer: &str, lease: &str) -> (pgrx::Uuid, pgrx::Uuid) {
+        let (id, token) = Spi::get_two::<pgrx::Uuid, pgrx::Uuid>(&format!(
+            "SELECT id, lease_token FROM queue.claim({}, {}, 1, {})",
+            pgrx::spi::quote_literal(queue),
+            pgrx::spi::quote_literal(consumer),
+            pgrx::spi::quote_literal(lease)
+        ))
+        .expect("claim");
+        (id.expect("a job"), token.expect("a token"))
+    }
+
+    fn call_bool(sql: &str, id: pgrx::Uuid, token: pgrx::Uuid) -> bool {
+        let sql = sql
+            .replace("$id", &format!("'{id}'::uuid"))
+            .replace("$token", &format!("'{token}'::uuid"));
+        one::<bool>(&sql).expect("a boolean")
+    }
+
+    #[pg_test]
+    fn claim_rejects_bad_input_and_changes_nothing() {
+        create("inside");
+        notify_queue("ext", "");
+        Spi::run("SELECT queue.enqueue('ext')").unwrap();
+        let cases = [
+            ("SELECT queue.claim('inside', 'c')", "42809"),
+            ("SELECT queue.claim('nope', 'c')", "42704"),
+            ("SELECT queue.claim(NULL, 'c')", "22004"),
+            ("SELECT queue.claim('ext', NULL)", "22023"),
+            ("SELECT queue.claim('ext', '')", "22023"),
+            ("SELECT queue.claim('ext', repeat('x', 129))", "22023"),
+            ("SELECT queue.claim('ext', 'c', 0)", "22023"),
+            ("SELECT queue.claim('ext', 'c', NULL)", "22023"),
+            ("SELECT queue.claim('ext', 'c', 1001)", "22023"),
+            ("SELECT queue.claim('ext', 'c', 1, '0')", "22023"),
+            ("SELECT queue.claim('ext', 'c', 1, '2 days')", "22023"),
+            ("SELECT queue.claim('ext', 'c', 1, NULL)", "22004"),
+            ("SELECT queue.heartbeat(NULL, gen_random_uuid())", "22004"),
+            ("SELECT queue.heartbeat(gen_random_uuid(), NULL)", "22004"),
+            (
+                "SELECT queue.heartbeat(gen_random_uuid(), gen_random_uuid(), '10 ms')",
+                "22023",
+            ),
+            ("SELECT queue.complete(NULL, gen_random_uuid())", "22004"),
+            (
+                "SELECT queue.fail(gen_random_uuid(), gen_random_uuid(), NULL)",
+                "22004",
+            ),
+            (
+                "SELECT queue.fail(gen_random_uuid(), gen_random_uuid(), 'x', '-1 s')",
+                "22023",
+            ),
+        ];
+        for (stmt, code) in cases {
+            assert_eq!(sqlstate(stmt).as_deref(), Some(code), "{stmt}");
+        }
+        assert_eq!(
+            count("SELECT count(*) FROM queue.jobs WHERE state = 'queued' AND attempts = 0"),
+            1
+        );
+        assert_eq!(count("SELECT count(*) FROM queue.consumers"), 0);
+        // Unknown jobs and tokens are not errors: the lease is simply not held.
+        assert!(
+            !one::<bool>("SELECT queue.complete(gen_random_uuid(), gen_random_uuid())").unwrap()
+        );
+    }
+
+    #[pg_test]
+    fn claim_takes_ready_jobs_in_order_with_leases() {
+        notify_queue("ext", "");
+        Spi::run("SELECT queue.enqueue('ext', '{\"n\": 1}', priority => 5)").unwrap();
+        Spi::run("SELECT queue.enqueue('ext', '{\"n\": 2}', priority => 1)").unwrap();
+        Spi::run("SELECT queue.enqueue('ext', '{\"n\": 3}', run_at => now() + interval '1 hour')")
+            .unwrap();
+        let got = one::<String>(
+            "SELECT string_agg(payload->>'n' || ':' || attempt || ':' ||
+                               (lease_expires_at - clock_timestamp() BETWEEN '9 s' AND '10 s'), ','
+                               ORDER BY payload->>'n' DESC)
+               FROM queue.claim('ext', 'c1', 10, '10 seconds')",
+        );
+        assert_eq!(got.as_deref(), Some("2:1:true,1:1:true"));
+        assert_eq!(
+            count(
+                "SELECT count(*) FROM queue.jobs WHERE state = 'running' AND consumer = 'c1'
+                      AND worker_pid = pg_backend_pid() AND lease = '10 s'"
+            ),
+            2
+        );
+        assert_eq!(
+            one::<String>("SELECT kind || ' ' || name || ' ' || jobs FROM queue.workers WHERE kind = 'consumer'")
+                .as_deref(),
+            Some("consumer c1 2")
+        );
+        // Nothing else is ready.
+        assert_eq!(
+            count("SELECT count(*) FROM queue.claim('ext', 'c2', 10)"),
+            0
+        );
+    }
+
+    #[pg_test]
+    fn claim_respects_concurrency_and_pause() {
+        notify_queue("ext", ", concurrency => 2");
+        Spi::run("SELECT queue.enqueue_many('ext', array_fill('{}'::jsonb, ARRAY[5]))").unwrap();
+        assert_eq!(count("SELECT count(*) FROM queue.claim('ext', 'c', 5)"), 2);
+        assert_eq!(count("SELECT count(*) FROM queue.claim('ext', 'c', 5)"), 0);
+        Spi::run("SELECT queue.alter_queue('ext', concurrency => 3)").unwrap();
+        Spi::run("SELECT queue.pause('ext')").unwrap();
+        assert_eq!(count("SELECT count(*) FROM queue.claim('ext', 'c', 5)"), 0);
+        Spi::run("SELECT queue.resume('ext')").unwrap();
+        assert_eq!(count("SELECT count(*) FROM queue.claim('ext', 'c', 5)"), 1);
+    }
+
+    #[pg_test]
+    fn complete_and_heartbeat_are_fenced_by_the_lease_token() {
+        notify_queue("ext", "");
+        Spi::run("SELECT queue.enqueue('ext')").unwrap();
+        let (id, token) = claim_one("ext", "c1", "30 s");
+        let wrong = pgrx::Uuid::from_bytes(*uuid::Uuid::new_v4().as_bytes());
+        assert!(!call_bool("SELECT queue.complete($id, $token)", id, wrong));
+        assert!(!call_bool("SELECT queue.heartbeat($id, $token)", id, wrong));
+        assert!(!call_bool("SELECT queue.fail($id, $token, 'x')", id, wrong));
+        assert_eq!(
+            count("SELECT count(*) FROM queue.jobs WHERE state = 'running' AND errors = '[]'"),
+            1
+        );
+        assert!(call_bool(
+            "SELECT queue.heartbeat($id, $token, '1 hour')",
+            id,
+            token
+        ));
+        assert_eq!(
+            count("SELECT count(*) FROM queue.jobs WHERE lease_expires_at > now() + interval '59 min'"),
+            1
+        );
+        assert!(call_bool(
+            "SELECT queue.complete($id, $token, '{\"ok\": true}')",
+            id,
+            token
+        ));
+        // Twice: the second changes nothing.
+        assert!(!call_bool("SELECT queue.complete($id, $token)", id, token));
+        assert!(!call_bool("SELECT queue.heartbeat($id, $token)", id, token));
+        assert_eq!(
+            one::<String>(&format!(
+                "SELECT state || ' ' || result::text || ' ' || consumer FROM queue.status('{id}')"
+            ))
+            .as_deref(),
+            Some("succeeded {\"ok\": true} c1")
+        );
+    }
+
+    #[pg_test]
+    fn an_expired_lease_is_lost_and_reaped() {
+        notify_queue("ext", ", backoff_base => '0', backoff_max => '0'");
+        Spi::run("SELECT queue.enqueue('ext')").unwrap();
+        let (id, token) = claim_one("ext", "c1", "1 second");
+        Spi::run("SELECT pg_sleep(1.05)").unwrap();
+        assert!(!call_bool("SELECT queue.heartbeat($id, $token)", id, token));
+        assert!(!call_bool("SELECT queue.complete($id, $token)", id, token));
+        assert!(!call_bool(
+            "SELECT queue.fail($id, $token, 'late')",
+            id,
+            token
+        ));
+        assert_eq!(one::<i64>("SELECT queue.reap()"), Some(1));
+        assert_eq!(
+            one::<String>(&format!(
+                "SELECT state || ' ' || attempts || ' ' || last_error || ' ' || (consumer IS NULL)
+                   FROM queue.status('{id}')"
+            ))
+            .as_deref(),
+            Some("queued 1 lease expired (consumer c1) true")
+        );
+        // Another consumer gets it, with a new token; the old one stays dead.
+        let (id2, token2) = claim_one("ext", "c2", "30 s");
+        assert_eq!(id2, id);
+        assert_ne!(token2, token);
+        assert!(!call_bool("SELECT queue.complete($id, $token)", id, token));
+        assert!(call_bool("SELECT queue.complete($id, $token)", id, token2));
+        assert_eq!(
+            one::<String>(&format!(
+                "SELECT state || ' ' || attempts || ' ' || consumer FROM queue.status('{id}')"
+            ))
+            .as_deref(),
+            Some("succeeded 2 c2")
+        );
+    }
+
+    #[pg_test]
+    fn a_cancelled_job_loses_its_lease() {
+        notify_queue("ext", "");
+        Spi::run("SELECT queue.enqueue('ext')").unwrap();
+        let (id, token) = claim_one("ext", "c1", "30 s");
+        assert_eq!(
+            one::<bool>(&format!("SELECT queue.cancel('{id}')")),
+            Some(true)
+        );
+        assert!(!call_bool("SELECT queue.heartbeat($id, $token)", id, token));
+        assert!(!call_bool("SELECT queue.complete($id, $token)", id, token));
+        assert_eq!(
+            one::<String>(&format!(
+                "SELECT state || ' ' || consumer FROM queue.status('{id}')"
+            ))
+            .as_deref(),
+            Some("cancelled c1")
+        );
+    }
+
+    #[pg_test]
+    fn fail_retries_then_fails_for_good() {
+        notify_queue("ext", ", max_attempts => 2");
+        Spi::run("SELECT queue.enqueue('ext')").unwrap();
+        let (id, token) = claim_one("ext", "c1", "30 s");
+        assert!(call_bool(
+            "SELECT queue.fail($id, $token, 'boom', '1 hour')",
+            id,
+            token
+        ));
+        assert!(!call_bool(
+            "SELECT queue.fail($id, $token, 'again')",
+            id,
+            token
+        ));
+        assert_eq!(
+            one::<String>(&format!(
+                "SELECT state || ' ' || attempts || ' ' || last_error || ' ' || scheduled
+                   FROM queue.status('{id}')"
+            ))
+            .as_deref(),
+            Some("queued 1 boom true")
+        );
+        Spi::run(&format!(
+            "UPDATE queue.jobs SET run_at = now() WHERE id = '{id}'"
+        ))
+        .unwrap();
+        let (_, token) = claim_one("ext", "c1", "30 s");
+        assert!(call_bool(
+            "SELECT queue.fail($id, $token, 'boom 2', '0')",
+            id,
+            token
+        ));
+        assert_eq!(
+            one::<String>(&format!(
+                "SELECT state || ' ' || attempts || ' ' || jsonb_array_length(errors) || ' ' || last_error
+                   FROM queue.status('{id}')"
+            ))
+            .as_deref(),
+            Some("failed 2 2 boom 2")
+        );
+    }
+
+    #[pg_test]
+    fn channels_fit_and_differ() {
+        assert_eq!(
+            one::<String>("SELECT queue.channel('emails')").as_deref(),
+            Some("queue.emails")
+        );
+        let long = "x".repeat(60);
+        let (a, b) = (format!("{long}a"), format!("{long}b"));
+        let got = Spi::get_two::<String, String>(&format!(
+            "SELECT queue.channel('{a}'), queue.channel('{b}')"
+        ))
+        .unwrap();
+        let (a, b) = (got.0.unwrap(), got.1.unwrap());
+        assert!(a.len() <= 63 && b.len() <= 63, "{a} {b}");
+        assert_ne!(a, b);
+    }
 }

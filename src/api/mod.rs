@@ -67,6 +67,37 @@ fn current_job() -> TableIterator<
     TableIterator::new(row)
 }
 
+/// The registered executors (shared memory), for `queue.workers`.
+#[pg_extern(volatile)]
+fn executors() -> TableIterator<
+    'static,
+    (
+        name!(slot, i32),
+        name!(pid, i32),
+        name!(idle, bool),
+        name!(executor_id, pgrx::Uuid),
+    ),
+> {
+    let rows = crate::shmem::executors().into_iter().map(|e| {
+        (
+            e.slot as i32,
+            e.pid,
+            e.idle,
+            pgrx::Uuid::from_bytes(*e.id.as_bytes()),
+        )
+    });
+    TableIterator::new(rows.collect::<Vec<_>>())
+}
+
+/// One reap pass now, as the launcher runs it every `queue.maintenance_interval`.
+#[pg_extern(volatile)]
+fn reap() -> i64 {
+    match crate::worker::maintenance::reap_dead_owners() {
+        Ok(n) => n,
+        Err(e) => pgrx::error!("reap failed: {e}"),
+    }
+}
+
 extension_sql!(
     r#"
 COMMENT ON FUNCTION queue.uuid_generate_v7() IS 'A new time-ordered UUIDv7 (the kind of id every job has).';
@@ -74,13 +105,17 @@ COMMENT ON FUNCTION queue.wake_executors(integer) IS 'Internal: wakes idle execu
 COMMENT ON FUNCTION queue.request_cancel(uuid, integer) IS 'Internal: asks an executor to interrupt the job it runs (used by queue.cancel).';
 COMMENT ON FUNCTION queue.current_job() IS 'Inside a SQL handler: the running job (id, queue, attempt, max_attempts, payload). No row elsewhere.';
 COMMENT ON FUNCTION queue.job_transitions() IS 'The legal moves between job states (the state machine every statement follows).';
+COMMENT ON FUNCTION queue.executors() IS 'The in-database executors registered in shared memory (see the view queue.workers).';
+COMMENT ON FUNCTION queue.reap() IS 'Runs one reaper pass now: running jobs of dead executors and of consumers whose lease expired go back to queued (or to failed when out of attempts). Returns how many moved. The launcher does this every queue.maintenance_interval.';
 "#,
     name = "api_comments",
     requires = [
         uuid_generate_v7,
         wake_executors,
         current_job,
-        job_transitions
+        job_transitions,
+        executors,
+        reap
     ]
 );
 

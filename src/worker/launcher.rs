@@ -1,6 +1,8 @@
 //! Launcher: the static background worker. Connects to `queue.database`, waits for the
-//! extension, then on every `queue.maintenance_interval` reaps jobs of dead executors,
-//! keeps history partitions ahead, and keeps `queue.max_workers` executors running.
+//! extension, then on every `queue.maintenance_interval` reaps jobs of dead executors and
+//! expired consumer leases, announces NOTIFY-queue jobs that became ready by time, keeps
+//! history partitions ahead, and keeps `queue.max_workers` executors running. Between
+//! ticks it wakes at the next such deadline, so announcements and reaps are not late.
 //! Registered with BgWorkerStart_RecoveryFinished: a standby runs nothing until promoted.
 
 use super::{maintenance, transaction};
@@ -14,6 +16,11 @@ use std::time::{Duration, Instant};
 const RESTART_DELAY: Duration = Duration::from_secs(5);
 /// Partitions are checked this often (and at start); they are made days ahead.
 const PARTITION_INTERVAL: Duration = Duration::from_secs(600);
+/// Once per tick, announcing looks this far back for jobs whose enqueue committed after
+/// their run_at had passed (see maintenance::announce_ready).
+const ANNOUNCE_LOOKBACK: Duration = Duration::from_secs(1);
+/// Passes between ticks are at least this far apart.
+const MIN_PASS_GAP: Duration = Duration::from_millis(5);
 
 pub fn register() {
     BackgroundWorkerBuilder::new("pg_queue launcher")
@@ -35,24 +42,45 @@ pub extern "C-unwind" fn pg_queue_launcher_main(_arg: pg_sys::Datum) {
     log!("pg_queue launcher started (database \"{database}\")");
 
     let mut last_partitions: Option<Instant> = None;
+    let mut last_tick: Option<Instant> = None;
+    let mut announced_until = None;
     let mut warned_missing = false;
     loop {
         super::reload_config_if_asked();
+        let interval = gucs::maintenance_interval();
+        let mut sleep = interval;
         if extension_installed() {
             warned_missing = false;
-            if last_partitions.is_none_or(|t| t.elapsed() >= PARTITION_INTERVAL) {
-                match transaction(maintenance::create_partitions) {
-                    Ok(Ok(n)) if n > 0 => log!("pg_queue launcher: created {n} history partitions"),
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) | Err(e) => {
-                        log!("pg_queue launcher: creating partitions failed: {e}")
-                    }
+            // A pass runs every `interval` (a tick) and also at the deadlines the last pass
+            // found (a scheduled NOTIFY-queue job, a consumer's lease expiring).
+            let tick = last_tick.is_none_or(|t| t.elapsed() >= interval);
+            if tick {
+                last_tick = Some(Instant::now());
+                if last_partitions.is_none_or(|t| t.elapsed() >= PARTITION_INTERVAL) {
+                    partitions_and_consumers();
+                    last_partitions = Some(Instant::now());
                 }
-                last_partitions = Some(Instant::now());
+                forget_dead_executors();
             }
-            forget_dead_executors();
-            reap_dead_executors();
-            manage_executors(gucs::max_workers());
+            reap_dead_owners();
+            let lookback = if tick {
+                ANNOUNCE_LOOKBACK
+            } else {
+                Duration::ZERO
+            };
+            match transaction(|| maintenance::announce_ready(announced_until, lookback)) {
+                Ok(Ok((until, next))) => {
+                    announced_until = until;
+                    sleep = next.map_or(sleep, |d| d.min(sleep));
+                }
+                Ok(Err(e)) | Err(e) => log!("pg_queue launcher: announcing ready jobs failed: {e}"),
+            }
+            if tick {
+                manage_executors(gucs::max_workers());
+            }
+            let to_tick =
+                last_tick.map_or(Duration::ZERO, |t| interval.saturating_sub(t.elapsed()));
+            sleep = sleep.min(to_tick).max(MIN_PASS_GAP);
         } else {
             if !warned_missing {
                 log!("pg_queue launcher: waiting for CREATE EXTENSION pg_queue in \"{database}\"");
@@ -61,9 +89,20 @@ pub extern "C-unwind" fn pg_queue_launcher_main(_arg: pg_sys::Datum) {
             manage_executors(0);
         }
         super::report_activity("idle", false);
-        if !BackgroundWorker::wait_latch(Some(gucs::maintenance_interval())) {
+        if !BackgroundWorker::wait_latch(Some(sleep)) {
             break;
         }
+    }
+}
+
+fn partitions_and_consumers() {
+    match transaction(maintenance::create_partitions) {
+        Ok(Ok(n)) if n > 0 => log!("pg_queue launcher: created {n} history partitions"),
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) | Err(e) => log!("pg_queue launcher: creating partitions failed: {e}"),
+    }
+    if let Ok(Err(e)) | Err(e) = transaction(maintenance::forget_consumers) {
+        log!("pg_queue launcher: forgetting old consumers failed: {e}");
     }
 }
 
@@ -93,22 +132,12 @@ fn forget_dead_executors() {
     }
 }
 
-/// Running jobs whose executor is not alive go back to queued (or failed).
-fn reap_dead_executors() {
-    let r = transaction(|| {
-        // Cutoff before reading the registry: see maintenance::REAP_SQL.
-        let cutoff = Spi::get_one::<pgrx::datum::TimestampWithTimeZone>("SELECT clock_timestamp()")
-            .ok()
-            .flatten();
-        let live: Vec<pgrx::Uuid> = shmem::live_executor_ids()
-            .into_iter()
-            .map(|u| pgrx::Uuid::from_bytes(*u.as_bytes()))
-            .collect();
-        maintenance::reap(&live, None, cutoff, "executor died")
-    });
-    match r {
+/// Running jobs whose executor is not alive, or whose consumer's lease expired, go back to
+/// queued (or failed).
+fn reap_dead_owners() {
+    match transaction(maintenance::reap_dead_owners) {
         Ok(Ok(0)) => {}
-        Ok(Ok(n)) => log!("pg_queue launcher: reaped {n} jobs of dead executors"),
+        Ok(Ok(n)) => log!("pg_queue launcher: reaped {n} jobs of dead executors or expired leases"),
         Ok(Err(e)) | Err(e) => log!("pg_queue launcher: reaping failed: {e}"),
     }
 }

@@ -1,23 +1,32 @@
 //! Maintenance duties the launcher runs on its cadence: reaping jobs of dead executors and
+//! expired consumer leases, announcing NOTIFY-queue jobs that became ready by time, and
 //! creating history partitions ahead of time. Each is one bounded statement, callable from
-//! any worker inside a transaction.
+//! any backend inside a transaction.
 
 use super::SqlError;
+use crate::shmem;
+use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
+use std::time::Duration;
 
 /// Most jobs one reap statement moves, so a tick never holds many row locks for long.
 const REAP_LIMIT: i64 = 1000;
 
-/// Returns running jobs of dead executors to queued (backoff applies, the failed attempt is
-/// recorded with `message`) or, with no attempts left, to failed. A job is dead when its
-/// executor is `dead`, or, with `dead` None, when its executor is not in `live` and it was
-/// claimed before `cutoff` (an executor that registered after `live` was read can only have
-/// claimed later). Jobs locked by a live batch are skipped. Returns how many moved.
+/// Returns running jobs whose owner is gone to queued (backoff applies, the failed attempt
+/// is recorded with `message`, or 'lease expired') or, with no attempts left, to failed.
+/// A job's owner is gone when its executor is `dead`; or, with `dead` None, when its
+/// executor is not in `live` and it was claimed before `cutoff` (an executor that registered
+/// after `live` was read can only have claimed later), or its consumer's lease expired.
+/// Jobs locked by a live batch (or a consumer's call in progress) are skipped. Returns how
+/// many moved.
 const REAP_SQL: &str = "
 WITH dead AS (
-    SELECT id FROM queue.jobs
-     WHERE state = 'running' AND worker_id IS NOT NULL
+    SELECT id, CASE WHEN consumer IS NULL THEN $4::text
+                    ELSE 'lease expired (consumer ' || consumer || ')' END AS message
+      FROM queue.jobs
+     WHERE state = 'running'
        AND CASE WHEN $2::uuid IS NOT NULL THEN worker_id = $2::uuid
+                WHEN consumer IS NOT NULL THEN lease_expires_at < clock_timestamp()
                 ELSE worker_id <> ALL($1::uuid[]) AND started_at < $3::timestamptz END
      ORDER BY id
      LIMIT $5
@@ -25,9 +34,9 @@ WITH dead AS (
 ), retried AS (
     UPDATE queue.jobs j
        SET state = 'queued', started_at = NULL, worker_pid = NULL, worker_id = NULL,
-           lease_token = NULL,
+           consumer = NULL, lease = NULL, lease_expires_at = NULL, lease_token = NULL,
            errors = j.errors || jsonb_build_object('attempt', j.attempts, 'at', clock_timestamp(),
-                                                   'sqlstate', 'XX000', 'message', $4::text,
+                                                   'sqlstate', 'XX000', 'message', dead.message,
                                                    'worker_pid', j.worker_pid),
            run_at = clock_timestamp() + coalesce(
                (SELECT queue.backoff(q.backoff_base, q.backoff_max, j.attempts)
@@ -38,14 +47,15 @@ WITH dead AS (
 ), failed AS (
     DELETE FROM queue.jobs j USING dead
      WHERE j.id = dead.id AND j.attempts >= j.max_attempts
-    RETURNING j.*
+    RETURNING j.*, dead.message
 ), history AS (
     INSERT INTO queue.history (id, queue, state, payload, priority, run_at, attempts, max_attempts,
-                               timeout, created_at, started_at, finished_at, worker_pid, errors)
+                               timeout, created_at, started_at, finished_at, worker_pid, consumer,
+                               errors)
     SELECT id, queue, 'failed', payload, priority, run_at, attempts, max_attempts, timeout,
-           created_at, started_at, clock_timestamp(), worker_pid,
+           created_at, started_at, clock_timestamp(), worker_pid, consumer,
            errors || jsonb_build_object('attempt', attempts, 'at', clock_timestamp(),
-                                        'sqlstate', 'XX000', 'message', $4::text,
+                                        'sqlstate', 'XX000', 'message', message,
                                         'worker_pid', worker_pid)
       FROM failed
     RETURNING 1
@@ -71,6 +81,69 @@ pub fn reap(
         ],
     )
     .map(|n| n.unwrap_or(0))
+    .map_err(SqlError::from)
+}
+
+/// One reap pass as the launcher runs it: jobs of executors missing from the registry, and
+/// of consumers whose lease expired. Must run in a transaction.
+pub fn reap_dead_owners() -> Result<i64, SqlError> {
+    // Cutoff before reading the registry: see REAP_SQL.
+    let cutoff = Spi::get_one::<TimestampWithTimeZone>("SELECT clock_timestamp()")?;
+    let live: Vec<pgrx::Uuid> = shmem::executors()
+        .into_iter()
+        .map(|e| pgrx::Uuid::from_bytes(*e.id.as_bytes()))
+        .collect();
+    reap(&live, None, cutoff, "executor died")
+}
+
+/// Notifies the consumers of NOTIFY queues of jobs whose run_at passed in (`since`, now]
+/// (an enqueue of a ready job notifies by itself). One notification per queue and pass:
+/// the job's id when one became ready, empty when several did. Returns now, the next
+/// `since`.
+const ANNOUNCE_SQL: &str = "
+WITH due AS (
+    SELECT j.queue, count(*) AS n, min(j.id::text) AS id
+      FROM queue.jobs j JOIN queue.queues q ON q.name = j.queue AND q.notify AND NOT q.paused
+     WHERE j.state = 'queued' AND j.run_at > $1 AND j.run_at <= $2
+     GROUP BY j.queue
+)
+SELECT count(pg_notify(queue.channel(queue), CASE WHEN n = 1 THEN id ELSE '' END)) FROM due";
+
+/// When the launcher must look again: the next run_at of a NOTIFY-queue job, or the next
+/// expiry of a consumer's lease, whichever comes first.
+const NEXT_DEADLINE_SQL: &str = "
+SELECT ceil(extract(epoch FROM least(
+           (SELECT min(j.run_at) FROM queue.jobs j JOIN queue.queues q ON q.name = j.queue AND q.notify
+             WHERE j.state = 'queued' AND j.run_at > $1),
+           (SELECT min(lease_expires_at) FROM queue.jobs
+             WHERE state = 'running' AND consumer IS NOT NULL AND lease_expires_at > $1))
+       - clock_timestamp()) * 1000)::int8";
+
+/// Announces NOTIFY-queue jobs that became ready in (`since` - `lookback`, now] (`since`
+/// None: ever), and says how long until the next deadline. A job whose run_at passed
+/// before its enqueue committed is missed by the pass that covered its run_at; the caller
+/// looks back now and then to catch it (a duplicate costs a consumer one empty claim).
+/// Returns (now, the next `since`; time to the next deadline).
+pub fn announce_ready(
+    since: Option<TimestampWithTimeZone>,
+    lookback: Duration,
+) -> Result<(Option<TimestampWithTimeZone>, Option<Duration>), SqlError> {
+    let now = Spi::get_one::<TimestampWithTimeZone>("SELECT clock_timestamp()")?;
+    let from = Spi::get_one_with_args::<TimestampWithTimeZone>(
+        "SELECT coalesce($1 - make_interval(secs => $2), '-infinity')",
+        &[since.into(), lookback.as_secs_f64().into()],
+    )?;
+    Spi::get_one_with_args::<i64>(ANNOUNCE_SQL, &[from.into(), now.into()])?;
+    let ms = Spi::get_one_with_args::<i64>(NEXT_DEADLINE_SQL, &[now.into()])?;
+    Ok((now, ms.map(|ms| Duration::from_millis(ms.max(1) as u64))))
+}
+
+/// Forgets external consumers unseen for a day that hold no job.
+pub fn forget_consumers() -> Result<(), SqlError> {
+    Spi::run(
+        "DELETE FROM queue.consumers c WHERE c.last_seen < now() - interval '1 day'
+            AND NOT EXISTS (SELECT 1 FROM queue.jobs j WHERE j.consumer = c.name)",
+    )
     .map_err(SqlError::from)
 }
 

@@ -1,0 +1,217 @@
+-- External consumers of NOTIFY queues: claim, heartbeat, complete, fail, and the
+-- queue.workers view. Requires jobs.sql (channel, announce, backoff) and queue.executors()
+-- (src/api/mod.rs).
+--
+-- Protocol (README, "External consumers"): LISTEN on queue.channel(queue); claim jobs;
+-- heartbeat while working; complete or fail. Every call after claim is fenced by the job's
+-- lease token and by the lease's expiry: once the lease expired, the token is dead (false,
+-- nothing changed) and the reaper returns the job to queued (or failed) for another.
+
+-- consumers: external consumers seen recently, for queue.workers. One row per consumer
+-- name, touched by claim and heartbeat; the launcher forgets names unseen for a day.
+CREATE TABLE queue.consumers (
+    name        text        PRIMARY KEY,
+    pid         integer     NOT NULL,            -- backend pid of its last call
+    first_seen  timestamptz NOT NULL DEFAULT now(),
+    last_seen   timestamptz NOT NULL DEFAULT now()
+) WITH (fillfactor = 50);
+
+-- check_lease: the checks claim and heartbeat share.
+CREATE FUNCTION queue.check_lease(lease interval) RETURNS void
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF lease < interval '1 second' OR lease > interval '1 day' THEN
+        RAISE EXCEPTION 'lease must be between 1 second and 1 day, not %', lease
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+END
+$$;
+
+-- check_fence: id and lease token are required by heartbeat, complete and fail.
+CREATE FUNCTION queue.check_fence(id uuid, lease_token uuid) RETURNS void
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF id IS NULL OR lease_token IS NULL THEN
+        RAISE EXCEPTION 'id and lease_token must not be NULL' USING ERRCODE = 'null_value_not_allowed',
+            HINT = 'Pass the id and lease_token that queue.claim() returned.';
+    END IF;
+END
+$$;
+
+-- seen: records that `consumer` called now.
+CREATE FUNCTION queue.seen(consumer text) RETURNS void LANGUAGE sql AS $$
+    INSERT INTO queue.consumers AS c (name, pid) VALUES (consumer, pg_backend_pid())
+    ON CONFLICT (name) DO UPDATE SET pid = excluded.pid, last_seen = now()
+$$;
+
+CREATE FUNCTION queue.claim(
+    queue    text,
+    consumer text,
+    n        integer  DEFAULT 1,
+    lease    interval DEFAULT '30 seconds')
+RETURNS TABLE (id uuid, payload jsonb, attempt integer, lease_token uuid, lease_expires_at timestamptz)
+LANGUAGE plpgsql AS $$
+DECLARE
+    q queue.queues := queue.find_queue(claim.queue);
+BEGIN
+    IF NOT q.notify THEN
+        RAISE EXCEPTION 'queue "%" runs its jobs in the database (handler %)', q.name, q.handler
+            USING ERRCODE = 'wrong_object_type',
+                  HINT = 'Only the jobs of a NOTIFY queue (create_queue(..., notify => true)) are claimed by external consumers.';
+    ELSIF consumer IS NULL OR consumer !~ '^\S.{0,127}$' THEN
+        RAISE EXCEPTION 'consumer must be a name of 1 to 128 characters, not %', coalesce(quote_literal(consumer), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Name each consumer process uniquely, e.g. host name and pid.';
+    ELSIF n IS NULL OR n < 1 OR n > 1000 THEN
+        RAISE EXCEPTION 'n must be between 1 and 1000, not %', coalesce(n::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    ELSIF lease IS NULL THEN
+        RAISE EXCEPTION 'lease must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    PERFORM queue.check_lease(lease);
+    PERFORM queue.seen(consumer);
+    IF q.paused THEN
+        RETURN;
+    END IF;
+    -- Claims of a queue are serialised (as the executors' are) so that the running count
+    -- the concurrency limit is checked against is exact.
+    PERFORM pg_advisory_xact_lock(1885827445, hashtext(q.name));
+    RETURN QUERY
+    WITH c AS (
+        SELECT j.id FROM queue.jobs j
+         WHERE j.queue = q.name AND j.state = 'queued' AND j.run_at <= clock_timestamp()
+         ORDER BY j.priority, j.run_at, j.id
+         LIMIT greatest(0, least(n, q.concurrency - (SELECT count(*) FROM queue.jobs r
+                                                      WHERE r.queue = q.name AND r.state = 'running')))
+         FOR UPDATE SKIP LOCKED
+    )
+    UPDATE queue.jobs j
+       SET state = 'running', attempts = j.attempts + 1, started_at = clock_timestamp(),
+           worker_pid = pg_backend_pid(), consumer = claim.consumer, lease = claim.lease,
+           lease_expires_at = clock_timestamp() + claim.lease, lease_token = gen_random_uuid()
+      FROM c
+     WHERE j.id = c.id
+    RETURNING j.id, j.payload, j.attempts, j.lease_token, j.lease_expires_at;
+END
+$$;
+COMMENT ON FUNCTION queue.claim(text, text, integer, interval) IS
+    'NOTIFY queues: takes up to n ready jobs for consumer (a unique name per process) and returns them with the lease token every later call needs and when the lease expires. Nothing while paused or at the queue''s concurrency limit.';
+
+CREATE FUNCTION queue.heartbeat(id uuid, lease_token uuid, lease interval DEFAULT NULL)
+RETURNS boolean LANGUAGE plpgsql AS $$
+DECLARE
+    held_by text;
+BEGIN
+    PERFORM queue.check_fence(id, lease_token);
+    PERFORM queue.check_lease(lease);
+    UPDATE queue.jobs j
+       SET lease = coalesce(heartbeat.lease, j.lease),
+           lease_expires_at = clock_timestamp() + coalesce(heartbeat.lease, j.lease)
+     WHERE j.id = heartbeat.id AND j.state = 'running' AND j.lease_token = heartbeat.lease_token
+       AND j.lease_expires_at >= clock_timestamp()
+    RETURNING j.consumer INTO held_by;
+    IF held_by IS NULL THEN
+        RETURN false;
+    END IF;
+    PERFORM queue.seen(held_by);
+    RETURN true;
+END
+$$;
+COMMENT ON FUNCTION queue.heartbeat(uuid, uuid, interval) IS
+    'NOTIFY queues: extends a claimed job''s lease by lease (default: the lease it was claimed with). false when the lease was lost (expired, reaped, or the job cancelled): stop working on it.';
+
+CREATE FUNCTION queue.complete(id uuid, lease_token uuid, result jsonb DEFAULT NULL)
+RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM queue.check_fence(id, lease_token);
+    WITH d AS (
+        DELETE FROM queue.jobs j
+         WHERE j.id = complete.id AND j.state = 'running' AND j.lease_token = complete.lease_token
+           AND j.lease_expires_at >= clock_timestamp()
+        RETURNING j.*)
+    INSERT INTO queue.history (id, queue, state, payload, priority, run_at, attempts, max_attempts,
+                               timeout, created_at, started_at, finished_at, worker_pid, consumer,
+                               result, errors)
+    SELECT d.id, d.queue, 'succeeded', d.payload, d.priority, d.run_at, d.attempts, d.max_attempts,
+           d.timeout, d.created_at, d.started_at, clock_timestamp(), d.worker_pid, d.consumer,
+           complete.result, d.errors
+      FROM d;
+    RETURN FOUND;
+END
+$$;
+COMMENT ON FUNCTION queue.complete(uuid, uuid, jsonb) IS
+    'NOTIFY queues: marks a claimed job succeeded, keeping result. false (nothing changed) when the lease token is not the job''s current one or the lease expired.';
+
+CREATE FUNCTION queue.fail(id uuid, lease_token uuid, error text, retry_in interval DEFAULT NULL)
+RETURNS boolean LANGUAGE plpgsql AS $$
+DECLARE
+    q queue.queues;
+    j queue.jobs;
+    failure jsonb;
+BEGIN
+    PERFORM queue.check_fence(id, lease_token);
+    IF error IS NULL THEN
+        RAISE EXCEPTION 'error must not be NULL' USING ERRCODE = 'null_value_not_allowed',
+            HINT = 'Say why the attempt failed; it is kept in the job''s errors.';
+    ELSIF retry_in < interval '0' THEN
+        RAISE EXCEPTION 'retry_in must not be negative, not %', retry_in
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT * INTO j FROM queue.jobs x
+     WHERE x.id = fail.id AND x.state = 'running' AND x.lease_token = fail.lease_token
+       AND x.lease_expires_at >= clock_timestamp()
+       FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    failure := jsonb_build_object('attempt', j.attempts, 'at', clock_timestamp(),
+                                  'message', error, 'consumer', j.consumer);
+    IF j.attempts < j.max_attempts THEN
+        SELECT * INTO q FROM queue.queues x WHERE x.name = j.queue;
+        UPDATE queue.jobs x
+           SET state = 'queued', started_at = NULL, worker_pid = NULL, consumer = NULL,
+               lease = NULL, lease_expires_at = NULL, lease_token = NULL,
+               errors = x.errors || failure,
+               run_at = clock_timestamp() + coalesce(retry_in, queue.backoff(q.backoff_base, q.backoff_max, j.attempts))
+         WHERE x.id = j.id
+        RETURNING x.run_at INTO j.run_at;
+        IF j.run_at <= clock_timestamp() THEN
+            PERFORM queue.announce(q, 1, j.id);     -- later ones the launcher announces
+        END IF;
+    ELSE
+        WITH d AS (DELETE FROM queue.jobs x WHERE x.id = j.id RETURNING x.*)
+        INSERT INTO queue.history (id, queue, state, payload, priority, run_at, attempts, max_attempts,
+                                   timeout, created_at, started_at, finished_at, worker_pid, consumer,
+                                   errors)
+        SELECT d.id, d.queue, 'failed', d.payload, d.priority, d.run_at, d.attempts, d.max_attempts,
+               d.timeout, d.created_at, d.started_at, clock_timestamp(), d.worker_pid, d.consumer,
+               d.errors || failure
+          FROM d;
+    END IF;
+    RETURN true;
+END
+$$;
+COMMENT ON FUNCTION queue.fail(uuid, uuid, text, interval) IS
+    'NOTIFY queues: records a failed attempt of a claimed job. It is retried after retry_in (default: the queue''s backoff), or fails for good when its attempts are used up. false (nothing changed) when the lease token is not the job''s current one or the lease expired.';
+
+-- workers: who runs jobs now. In-database executors (from shared memory) and external
+-- consumers seen in the last 10 minutes or still holding jobs.
+CREATE VIEW queue.workers AS
+SELECT 'executor'::text AS kind, 'executor ' || e.slot AS name, e.pid,
+       count(j.id) AS jobs, array_remove(array_agg(j.id ORDER BY j.started_at), NULL) AS job_ids,
+       a.backend_start AS since, NULL::timestamptz AS last_seen,
+       NULL::timestamptz AS lease_expires_at
+  FROM queue.executors() e
+  LEFT JOIN queue.jobs j ON j.state = 'running' AND j.worker_id = e.executor_id
+  LEFT JOIN pg_stat_activity a ON a.pid = e.pid
+ GROUP BY e.slot, e.pid, a.backend_start
+UNION ALL
+SELECT 'consumer', c.name, c.pid,
+       count(j.id), array_remove(array_agg(j.id ORDER BY j.started_at), NULL),
+       c.first_seen, c.last_seen, min(j.lease_expires_at)
+  FROM queue.consumers c
+  LEFT JOIN queue.jobs j ON j.state = 'running' AND j.consumer = c.name
+ GROUP BY c.name, c.pid, c.first_seen, c.last_seen
+HAVING c.last_seen > now() - interval '10 minutes' OR count(j.id) > 0;
+COMMENT ON VIEW queue.workers IS
+    'In-database executors and external consumers (seen in the last 10 minutes or holding jobs), with the jobs each holds.';
