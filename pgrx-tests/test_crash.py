@@ -21,7 +21,12 @@ def q(cluster, sql, params=None):
 def setup_queue(cluster, name, body="PERFORM pg_sleep(0.005);"):
     with cluster.connect() as c:
         c.execute(f"CREATE TABLE {name} (job uuid, attempt int)")
+        # The job's advisory lock is held until its executor commits the batch (or dies):
+        # a second owner running the job at the same time could not take it.
         c.execute(f"""CREATE PROCEDURE {name}_h(payload jsonb) LANGUAGE plpgsql AS $$ BEGIN
+                        IF NOT pg_try_advisory_xact_lock(hashtextextended((SELECT id::text FROM queue.current_job()), 0)) THEN
+                            RAISE EXCEPTION 'two owners';
+                        END IF;
                         INSERT INTO {name} SELECT id, attempt FROM queue.current_job();
                         {body} END $$""")
         c.execute("SELECT queue.create_queue(%s, %s, max_attempts => 50, "
@@ -57,6 +62,9 @@ def assert_exactly_once(cluster, name, total):
             HAVING count(t.job) <> CASE WHEN h.state = 'succeeded' THEN 1 ELSE 0 END""",
                         (name,)).fetchall()
         assert bad == []
+        # No job ever ran on two owners at once.
+        assert c.execute("SELECT count(*) FROM queue.history WHERE queue = %s "
+                         "AND errors::text LIKE '%%two owners%%'", (name,)).fetchone()[0] == 0
         # The committed run is the job's last attempt: no earlier attempt's effects survived.
         assert c.execute(f"SELECT count(*) FROM {name} t JOIN queue.history h ON h.id = t.job "
                          "WHERE t.attempt <> h.attempts").fetchone()[0] == 0

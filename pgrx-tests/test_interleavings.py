@@ -1,0 +1,163 @@
+"""Two-session scripts for claim vs reap vs complete (and cancel) interleavings. Each step
+runs on its own connection in a fixed order; a step that must wait for another session's
+lock is checked to be waiting on that lock (pg_stat_activity), not guessed from timing."""
+import threading
+
+import psycopg
+import pytest
+
+from conftest import scalar, wait_for
+
+CLUSTER_SETTINGS = {"queue.max_workers": "1"}
+
+
+class Blocked:
+    """Runs one statement on `conn` in a thread, to be joined after the session it waits
+    for finished. `wait_until_blocked` proves it waits on a lock."""
+
+    def __init__(self, conn, sql, params=None):
+        self.conn, self.result, self.error = conn, None, None
+        self.pid = conn.info.backend_pid
+        self.thread = threading.Thread(target=self._run, args=(sql, params), daemon=True)
+        self.thread.start()
+
+    def _run(self, sql, params):
+        try:
+            self.result = self.conn.execute(sql, params).fetchone()[0]
+        except psycopg.Error as e:
+            self.error = e
+
+    def wait_until_blocked(self, db):
+        wait_for(lambda: scalar(db, "SELECT wait_event_type = 'Lock' FROM pg_stat_activity "
+                                    "WHERE pid = %s", (self.pid,)),
+                 timeout=10, interval=0.005, what=f"backend {self.pid} waiting on a lock")
+
+    def join(self):
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+        if self.error:
+            raise self.error
+        return self.result
+
+
+@pytest.fixture
+def session(cluster):
+    """Connections with explicit transactions, one per simulated party."""
+    conns = []
+
+    def make():
+        conn = cluster.connect(autocommit=False)
+        conns.append(conn)
+        return conn
+    yield make
+    for c in conns:
+        c.close()
+
+
+def notify_queue_with_claimed_job(db, name, lease="1 second"):
+    db.execute("SELECT queue.create_queue(%s, notify => true, backoff_base => '1 hour', "
+               "backoff_max => '1 hour')", (name,))
+    job = scalar(db, "SELECT queue.enqueue(%s)", (name,))
+    token = db.execute("SELECT lease_token FROM queue.claim(%s, 'c1', 1, %s)",
+                       (name, lease)).fetchone()[0]
+    return job, token
+
+
+def job_row(db, job):
+    return db.execute("SELECT state::text, attempts, consumer, last_error FROM queue.job_status "
+                      "WHERE id = %s", (job,)).fetchone()
+
+
+def test_reap_skips_a_job_whose_completion_is_in_flight(db, session, name):
+    job, token = notify_queue_with_claimed_job(db, name)
+    a = session()
+    assert scalar(a, "SELECT queue.complete(%s, %s)", (job, token)) is True   # not committed
+    # The lease expires while the completion is in flight; the launcher's reaper and ours
+    # both skip the locked row.
+    scalar(db, "SELECT pg_sleep(1.1)")
+    assert scalar(db, "SELECT queue.reap()") == 0
+    a.commit()
+    assert job_row(db, job) == ("succeeded", 1, "c1", None)
+
+
+def test_complete_after_reap_changes_nothing(db, session, name):
+    job, token = notify_queue_with_claimed_job(db, name)
+    r = session()
+    # The reaper session holds the job's row first (so the launcher's reaper skips it),
+    # then reaps it once the lease expired.
+    r.execute("SELECT 1 FROM queue.jobs WHERE id = %s FOR UPDATE", (job,))
+    scalar(db, "SELECT pg_sleep(1.1)")
+    assert scalar(r, "SELECT queue.reap()") == 1
+    # The late completion does not even wait for the reaper: its lease has expired.
+    assert scalar(db, "SELECT queue.complete(%s, %s)", (job, token)) is False
+    r.commit()
+    assert scalar(db, "SELECT queue.complete(%s, %s)", (job, token)) is False
+    assert job_row(db, job) == ("queued", 1, None, "lease expired (consumer c1)")
+    # Nor can the old token touch the job once another consumer holds it.
+    db.execute("UPDATE queue.jobs SET run_at = now() WHERE id = %s", (job,))
+    token2 = scalar(db, "SELECT lease_token FROM queue.claim(%s, 'c2')", (name,))
+    assert scalar(db, "SELECT queue.complete(%s, %s)", (job, token)) is False
+    assert scalar(db, "SELECT queue.heartbeat(%s, %s)", (job, token)) is False
+    assert job_row(db, job)[:3] == ("running", 2, "c2")
+    assert token2 not in (None, token)
+
+
+def test_concurrent_claims_never_exceed_the_concurrency_limit(db, session, name):
+    db.execute("SELECT queue.create_queue(%s, notify => true, concurrency => 3)", (name,))
+    db.execute("SELECT queue.enqueue_many(%s, array_fill('{}'::jsonb, ARRAY[10]))", (name,))
+    a, b = session(), session()
+    first = a.execute("SELECT id FROM queue.claim(%s, 'a', 3)", (name,)).fetchall()
+    assert len(first) == 3                      # not committed yet
+    second = Blocked(b, "SELECT count(*) FROM queue.claim(%s, 'b', 3)", (name,))
+    second.wait_until_blocked(db)              # on the queue's claim lock
+    a.commit()
+    assert second.join() == 0                  # it counted a's three running jobs
+    b.commit()
+    assert scalar(db, "SELECT count(*) FROM queue.jobs WHERE queue = %s AND state = 'running'",
+                  (name,)) == 3
+
+
+def test_cancel_waits_for_a_completion_in_flight(db, session, name):
+    job, token = notify_queue_with_claimed_job(db, name, lease="1 minute")
+    a = session()
+    assert scalar(a, "SELECT queue.complete(%s, %s)", (job, token)) is True
+    cancel = Blocked(session(), "SELECT queue.cancel(%s)", (job,))
+    cancel.wait_until_blocked(db)
+    a.commit()
+    assert cancel.join() is False              # the work was done: it stays succeeded
+    assert job_row(db, job)[0] == "succeeded"
+
+
+def test_complete_after_cancel_changes_nothing(db, session, name):
+    job, token = notify_queue_with_claimed_job(db, name, lease="1 minute")
+    c = session()
+    assert scalar(c, "SELECT queue.cancel(%s)", (job,)) is True
+    late = Blocked(session(), "SELECT queue.complete(%s, %s)", (job, token))
+    late.wait_until_blocked(db)
+    c.commit()
+    assert late.join() is False
+    assert job_row(db, job)[0] == "cancelled"
+
+
+def test_reap_never_takes_a_live_executors_job(db, name):
+    db.execute(f"CREATE TABLE {name} (job uuid)")
+    db.execute(f"""CREATE PROCEDURE {name}_h(payload jsonb) LANGUAGE plpgsql AS $$ BEGIN
+                     INSERT INTO {name} SELECT id FROM queue.current_job(); PERFORM pg_sleep(1);
+                   END $$""")
+    db.execute("SELECT queue.create_queue(%s, %s)", (name, f"{name}_h(jsonb)"))
+    job = scalar(db, "SELECT queue.enqueue(%s)", (name,))
+    wait_for(lambda: scalar(db, "SELECT state = 'running' FROM queue.jobs WHERE id = %s", (job,)),
+             timeout=30, interval=0.005, what="the job running")
+    token = scalar(db, "SELECT lease_token FROM queue.jobs WHERE id = %s", (job,))
+    for _ in range(10):
+        scalar(db, "SELECT queue.reap()")
+        assert job_row(db, job)[:2] == ("running", 1)
+    # The executor holds the row for its whole batch: nothing can move it meanwhile.
+    with pytest.raises(psycopg.errors.LockNotAvailable):
+        with db.transaction():
+            db.execute("SELECT 1 FROM queue.jobs WHERE id = %s FOR UPDATE NOWAIT", (job,))
+    assert scalar(db, "SELECT lease_token FROM queue.jobs WHERE id = %s", (job,)) == token
+    wait_for(lambda: scalar(db, "SELECT state = 'succeeded' FROM queue.history WHERE id = %s",
+                            (job,)), timeout=30, what="the job succeeded")
+    assert job_row(db, job)[:2] == ("succeeded", 1)
+    assert scalar(db, f"SELECT count(*) FROM {name}") == 1
