@@ -10,21 +10,33 @@ import threading
 import time
 
 import psycopg
+import pytest
 from psycopg import sql
 
 from conftest import scalar, wait_for, wait_terminal
 
-CONSUMER = os.path.join(os.path.dirname(__file__), "..", "examples", "python", "consumer.py")
+EXAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples")
+PYTHON_CONSUMER = [sys.executable, os.path.join(EXAMPLES, "python", "consumer.py")]
+
+
+@pytest.fixture(scope="module")
+def rust_consumer():
+    """Builds the Rust example consumer (incrementally) and returns its command."""
+    target = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(EXAMPLES, "..", "target")),
+                          "rust-consumer")
+    manifest = os.path.join(EXAMPLES, "rust-consumer", "Cargo.toml")
+    subprocess.run(["cargo", "build", "--locked", "--manifest-path", manifest, "--target-dir", target],
+                   check=True)
+    return [os.path.join(target, "debug", "pg_queue_consumer")]
 
 
 class Consumer:
-    """The example consumer as a subprocess; its stdout lines are collected."""
+    """An example consumer as a subprocess; its stdout lines are collected."""
 
-    def __init__(self, cluster, queue, name, *args):
+    def __init__(self, cluster, queue, name, *args, command=PYTHON_CONSUMER):
         self.name = name
         self.proc = subprocess.Popen(
-            [sys.executable, CONSUMER, "--dsn", cluster.dsn(), "--queue", queue, "--name", name,
-             *args],
+            [*command, "--dsn", cluster.dsn(), "--queue", queue, "--name", name, *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.lines = []
         self.reader = threading.Thread(target=self._read, daemon=True)
@@ -184,3 +196,34 @@ def test_workers_view_lists_executors_and_consumers(cluster, db, name):
     kinds = collections.Counter(r[0] for r in rows)
     assert kinds["executor"] == int(scalar(db, "SHOW queue.max_workers"))
     assert ("consumer", "psql-admin", 1, [claimed]) in rows
+
+
+def test_rust_consumers_drain_jobs_and_survive_a_kill(cluster, db, name, rust_consumer):
+    create_notify_queue(db, name, backoff_base="0", backoff_max="0")
+    doomed = Consumer(cluster, name, f"{name}-doomed", "--lease", "1", command=rust_consumer)
+    wait_listening(db, name, 1)
+    job = scalar(db, "SELECT queue.enqueue(%s, '{\"sleep\": 0.5}')", (name,))
+    wait_for(lambda: scalar(db, "SELECT consumer FROM queue.jobs WHERE id = %s", (job,)),
+             timeout=30, interval=0.005, what="the doomed consumer holding the job")
+    doomed.kill()
+    consumers = [Consumer(cluster, name, f"{name}-c{i}", "--lease", "1", command=rust_consumer)
+                 for i in range(2)]
+    try:
+        wait_listening(db, name, 3)
+        db.execute("SELECT queue.enqueue_many(%s, ARRAY(SELECT jsonb_build_object('fail', i %% 100 = 0) "
+                   "FROM generate_series(1, 500) i))", (name,))
+        states = wait_terminal(db, name, 501, timeout=120)
+    finally:
+        codes = [c.stop() for c in consumers]
+    assert codes == [0, 0]
+    # The 5 jobs asked to fail used their 5 attempts; every other job succeeded once.
+    assert states == {"succeeded": 496, "failed": 5}
+    completed = collections.Counter(line[1] for c in consumers for line in c.lines
+                                    if line[0] == "completed")
+    assert len(completed) == 496 and set(completed.values()) == {1}
+    assert job_row_of(db, job) == ("succeeded", 2, f"lease expired (consumer {name}-doomed)")
+
+
+def job_row_of(db, job):
+    return db.execute("SELECT state::text, attempts, errors->0->>'message' FROM queue.history "
+                      "WHERE id = %s", (job,)).fetchone()
