@@ -59,7 +59,10 @@ async fn main() {
         match run(&args, stop.clone()).await {
             Ok(()) => delay = Duration::from_millis(100),
             Err(e) => {
-                eprintln!("{}: connection lost ({e}); reconnecting in {delay:?}", args.name);
+                eprintln!(
+                    "{}: connection lost ({e}); reconnecting in {delay:?}",
+                    args.name
+                );
                 let mut stop = stop.clone();
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
@@ -155,7 +158,10 @@ async fn work(
                 .await?
                 .get(0);
             // false: the lease was lost meanwhile and another consumer has the job now.
-            println!("{} {id} attempt {attempt}", if done { "completed" } else { "lost" });
+            println!(
+                "{} {id} attempt {attempt}",
+                if done { "completed" } else { "lost" }
+            );
         }
         Err(error) => {
             let recorded: bool = client
