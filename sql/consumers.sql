@@ -89,8 +89,7 @@ BEGIN
        SET state = 'running', attempts = j.attempts + 1, started_at = clock_timestamp(),
            worker_pid = pg_backend_pid(), consumer = claim.consumer, lease = claim.lease,
            lease_expires_at = clock_timestamp() + claim.lease, lease_token = gen_random_uuid()
-      FROM c
-     WHERE j.id = c.id
+     WHERE j.id = ANY(ARRAY(SELECT c.id FROM c))     -- by primary key, whatever the LIMIT
     RETURNING j.id, j.payload, j.attempts, j.lease_token, j.lease_expires_at;
 END
 $$;

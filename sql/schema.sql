@@ -76,8 +76,10 @@ CREATE TABLE queue.jobs (
 
 -- Claim order within a queue; holds queued jobs only (a claimed job leaves it).
 CREATE INDEX jobs_ready_idx ON queue.jobs (queue, priority, run_at, id) WHERE state = 'queued';
--- Next time a scheduled job becomes ready: idle executors sleep until then.
-CREATE INDEX jobs_scheduled_idx ON queue.jobs (run_at) WHERE state = 'queued';
+-- Jobs that become ready by time (scheduled, or retried after a backoff): idle executors
+-- sleep until the next one, the launcher announces them to NOTIFY consumers. A job ready
+-- at once (run_at = created_at) is not in it, so a large backlog costs these readers nothing.
+CREATE INDEX jobs_scheduled_idx ON queue.jobs (run_at) WHERE state = 'queued' AND run_at > created_at;
 -- Per-queue concurrency and the reaper.
 CREATE INDEX jobs_running_idx ON queue.jobs (queue) WHERE state = 'running';
 

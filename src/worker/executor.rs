@@ -7,11 +7,13 @@
 //! a claim is committed (`running`, attempt counted, owner recorded) before its handler
 //! runs: a crash leaves the job `running` under a dead owner, and the reaper recovers it.
 
-use super::{transaction, SqlError};
+use super::{kept, transaction, SqlError};
 use crate::{gucs, shmem};
 use pgrx::bgworkers::BackgroundWorker;
+use pgrx::pg_sys::BuiltinOid::{INT4OID, TEXTARRAYOID, TEXTOID, UUIDARRAYOID, UUIDOID};
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
+use pgrx::PgOid::BuiltIn;
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -271,14 +273,17 @@ fn lock_owned(
 ) -> Result<Vec<pgrx::Uuid>, SqlError> {
     let ids: Vec<pgrx::Uuid> = claimed.iter().map(|c| c.id).collect();
     let tokens: Vec<pgrx::Uuid> = claimed.iter().map(|c| c.lease_token).collect();
-    let rows = client.update(
+    // By primary key (= ANY), then the token check: a job reaped and claimed again by
+    // another executor carries another token and is not ours.
+    let plan = kept(
+        client,
         "SELECT j.id FROM queue.jobs j
-               JOIN unnest($1::uuid[], $2::uuid[]) AS c(id, token) ON j.id = c.id
-              WHERE j.state = 'running' AND j.lease_token = c.token
-              FOR NO KEY UPDATE OF j",
-        None,
-        &[ids.into(), tokens.into()],
+          WHERE j.id = ANY($1::uuid[]) AND j.state = 'running'
+            AND j.lease_token = ($2::uuid[])[array_position($1::uuid[], j.id)]
+          FOR NO KEY UPDATE",
+        &[BuiltIn(UUIDARRAYOID), BuiltIn(UUIDARRAYOID)],
     )?;
+    let rows = client.update(&*plan, None, &[ids.into(), tokens.into()])?;
     let mut owned = Vec::with_capacity(rows.len());
     for row in rows {
         if let Some(id) = row.get::<pgrx::Uuid>(1)? {
@@ -388,11 +393,15 @@ fn call_handler(sql: &str, job: &Claimed) -> Result<Option<String>, SqlError> {
             );
         }
         super::enter_handler(timeout_ms);
-        let r = if keeps_result {
-            Spi::get_one_with_args::<String>(sql, &[payload.into()])
-        } else {
-            Spi::run_with_args(sql, &[payload.into()]).map(|_| None)
-        };
+        let r = Spi::connect_mut(|client| -> Result<Option<String>, SqlError> {
+            let plan = kept(client, sql, &[BuiltIn(TEXTOID)])?;
+            let out = client.update(&*plan, None, &[payload.into()])?;
+            Ok(if keeps_result {
+                out.first().get_one::<String>()?
+            } else {
+                None
+            })
+        });
         super::leave_handler();
         // SAFETY: as above.
         unsafe { pg_sys::SetUserIdAndSecContext(user, sec) };
@@ -427,7 +436,8 @@ fn error_json(e: &SqlError, attempt: i32) -> String {
 /// Records the outcomes of a batch in one statement, fenced on each job's lease token:
 /// succeeded, failed and cancelled jobs move to history; retries go back to queued with
 /// backoff; a job released unstarted (state queued, no error) goes back with its attempt
-/// uncounted.
+/// uncounted. `j.id = ANY($1)` beside the join makes the planner fetch the batch's rows by
+/// primary key rather than hash the whole jobs table.
 const RECORD_SQL: &str = "
 WITH o AS (
     SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[]::queue.job_state[], $4::text[]::jsonb[],
@@ -444,10 +454,12 @@ WITH o AS (
                (SELECT queue.backoff(q.backoff_base, q.backoff_max, j.attempts)
                   FROM queue.queues q WHERE q.name = j.queue), interval '0') END
       FROM o
-     WHERE o.state = 'queued' AND j.id = o.id AND j.state = 'running' AND j.lease_token = o.token
+     WHERE j.id = ANY($1::uuid[])
+       AND o.state = 'queued' AND j.id = o.id AND j.state = 'running' AND j.lease_token = o.token
 ), finished AS (
     DELETE FROM queue.jobs j USING o
-     WHERE o.state <> 'queued' AND j.id = o.id AND j.state = 'running' AND j.lease_token = o.token
+     WHERE j.id = ANY($1::uuid[])
+       AND o.state <> 'queued' AND j.id = o.id AND j.state = 'running' AND j.lease_token = o.token
     RETURNING j.*, o.state AS new_state, o.result AS new_result, o.error AS new_error
 )
 INSERT INTO queue.history (id, queue, state, payload, priority, run_at, attempts, max_attempts,
@@ -467,8 +479,19 @@ fn record(client: &mut SpiClient<'_>, outcomes: &[Outcome]) -> Result<(), SqlErr
     let states: Vec<&str> = outcomes.iter().map(|o| o.state.as_str()).collect();
     let results: Vec<Option<&str>> = outcomes.iter().map(|o| o.result.as_deref()).collect();
     let errors: Vec<Option<&str>> = outcomes.iter().map(|o| o.error.as_deref()).collect();
-    client.update(
+    let plan = kept(
+        client,
         RECORD_SQL,
+        &[
+            BuiltIn(UUIDARRAYOID),
+            BuiltIn(UUIDARRAYOID),
+            BuiltIn(TEXTARRAYOID),
+            BuiltIn(TEXTARRAYOID),
+            BuiltIn(TEXTARRAYOID),
+        ],
+    )?;
+    client.update(
+        &*plan,
         None,
         &[
             ids.into(),
@@ -501,6 +524,8 @@ SELECT q.name, q.concurrency, q.owner::oid,
 /// Claims up to `limit` ready jobs of one queue, within its concurrency limit. Claims of a
 /// queue are serialised by a transaction-scoped advisory lock (released at our commit), so
 /// that two executors counting the queue's running jobs cannot both take the last place.
+/// The claimed rows are updated by `id = ANY(ARRAY(...))`: the LIMIT is an expression the
+/// planner cannot estimate, and a join on it would hash the whole jobs table.
 const CLAIM_SQL: &str = "
 WITH c AS (
     SELECT id FROM queue.jobs
@@ -513,8 +538,7 @@ WITH c AS (
 UPDATE queue.jobs j
    SET state = 'running', attempts = j.attempts + 1, started_at = statement_timestamp(),
        worker_pid = pg_backend_pid(), worker_id = $4, lease_token = gen_random_uuid()
-  FROM c
- WHERE j.id = c.id
+ WHERE j.id = ANY(ARRAY(SELECT id FROM c))
 RETURNING j.id, j.lease_token, j.attempts, j.max_attempts, j.payload::text,
           (extract(epoch FROM j.timeout) * 1000)::int4";
 
@@ -530,7 +554,8 @@ fn claim(
     // SAFETY: statement_timestamp() in the claim is the start of the claim, not of the batch.
     unsafe { pg_sys::SetCurrentStatementStartTimestamp() };
     let mut queues = Vec::new();
-    for row in client.update(READY_QUEUES_SQL, None, &[])? {
+    let ready = kept(client, READY_QUEUES_SQL, &[])?;
+    for row in client.update(&*ready, None, &[])? {
         let name: Option<String> = row.get(1)?;
         let Some(name) = name else { continue };
         queues.push((
@@ -547,13 +572,28 @@ fn claim(
     let n = queues.len();
     for i in 0..n {
         let (name, concurrency, handler, queue_timeout) = &queues[(turn + i) % n];
-        client.update(
+        let lock = kept(
+            client,
             "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+            &[BuiltIn(INT4OID), BuiltIn(TEXTOID)],
+        )?;
+        client.update(
+            &*lock,
             None,
             &[ADVISORY_LOCK_SPACE.into(), name.as_str().into()],
         )?;
-        let rows = client.update(
+        let plan = kept(
+            client,
             CLAIM_SQL,
+            &[
+                BuiltIn(TEXTOID),
+                BuiltIn(INT4OID),
+                BuiltIn(INT4OID),
+                BuiltIn(UUIDOID),
+            ],
+        )?;
+        let rows = client.update(
+            &*plan,
             None,
             &[
                 name.as_str().into(),
@@ -589,15 +629,14 @@ fn claim(
 
 /// How long until the next scheduled job becomes ready, if one is queued.
 fn next_ready_in(client: &mut SpiClient<'_>) -> Result<Option<Duration>, SqlError> {
-    let ms = client
-        .update(
-            "SELECT ceil(extract(epoch FROM min(run_at) - clock_timestamp()) * 1000)::int8
-               FROM queue.jobs WHERE state = 'queued' AND run_at > statement_timestamp()",
-            None,
-            &[],
-        )?
-        .first()
-        .get_one::<i64>()?;
+    let plan = kept(
+        client,
+        "SELECT ceil(extract(epoch FROM min(run_at) - clock_timestamp()) * 1000)::int8
+           FROM queue.jobs
+          WHERE state = 'queued' AND run_at > created_at AND run_at > statement_timestamp()",
+        &[],
+    )?;
+    let ms = client.update(&*plan, None, &[])?.first().get_one::<i64>()?;
     Ok(ms.map(|ms| Duration::from_millis(ms.max(1) as u64)))
 }
 

@@ -97,14 +97,15 @@ pub fn reap_dead_owners() -> Result<i64, SqlError> {
 }
 
 /// Notifies the consumers of NOTIFY queues of jobs whose run_at passed in (`since`, now]
-/// (an enqueue of a ready job notifies by itself). One notification per queue and pass:
+/// (an enqueue of a ready job notifies by itself: only jobs with run_at > created_at, in
+/// jobs_scheduled_idx, become ready by time). One notification per queue and pass:
 /// the job's id when one became ready, empty when several did. Returns now, the next
 /// `since`.
 const ANNOUNCE_SQL: &str = "
 WITH due AS (
     SELECT j.queue, count(*) AS n, min(j.id::text) AS id
       FROM queue.jobs j JOIN queue.queues q ON q.name = j.queue AND q.notify AND NOT q.paused
-     WHERE j.state = 'queued' AND j.run_at > $1 AND j.run_at <= $2
+     WHERE j.state = 'queued' AND j.run_at > j.created_at AND j.run_at > $1 AND j.run_at <= $2
      GROUP BY j.queue
 )
 SELECT count(pg_notify(queue.channel(queue), CASE WHEN n = 1 THEN id ELSE '' END)) FROM due";
@@ -114,7 +115,7 @@ SELECT count(pg_notify(queue.channel(queue), CASE WHEN n = 1 THEN id ELSE '' END
 const NEXT_DEADLINE_SQL: &str = "
 SELECT ceil(extract(epoch FROM least(
            (SELECT min(j.run_at) FROM queue.jobs j JOIN queue.queues q ON q.name = j.queue AND q.notify
-             WHERE j.state = 'queued' AND j.run_at > $1),
+             WHERE j.state = 'queued' AND j.run_at > j.created_at AND j.run_at > $1),
            (SELECT min(lease_expires_at) FROM queue.jobs
              WHERE state = 'running' AND consumer IS NOT NULL AND lease_expires_at > $1))
        - clock_timestamp()) * 1000)::int8";

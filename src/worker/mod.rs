@@ -5,6 +5,8 @@
 pub mod executor;
 pub mod launcher;
 pub mod maintenance;
+mod plans;
+pub use plans::kept;
 
 use pgrx::pg_sys;
 use pgrx::pg_sys::panic::CaughtError;
