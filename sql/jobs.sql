@@ -50,20 +50,32 @@ CREATE FUNCTION queue.enqueue(
     max_attempts integer     DEFAULT NULL,
     timeout      interval    DEFAULT NULL)
 RETURNS uuid LANGUAGE plpgsql AS $$
+-- The hot path of every producer: no nested function calls but for the checks that fail
+-- (find_queue raises the error), everything else inline.
 DECLARE
-    q queue.queues := queue.find_queue(queue);
+    q queue.queues;
     job_id uuid := queue.uuid_generate_v7();
 BEGIN
+    SELECT * INTO q FROM queue.queues x WHERE x.name = enqueue.queue;
+    IF NOT FOUND THEN
+        q := queue.find_queue(queue);           -- raises the right error
+    END IF;
     IF payload IS NULL THEN
         RAISE EXCEPTION 'payload must not be NULL' USING ERRCODE = 'null_value_not_allowed',
             HINT = 'Use ''{}'' for a job without data.';
     END IF;
-    PERFORM queue.check_job_options(priority, max_attempts, timeout);
+    IF priority IS NULL OR max_attempts IS NOT NULL OR timeout IS NOT NULL THEN
+        PERFORM queue.check_job_options(priority, max_attempts, timeout);
+    END IF;
     INSERT INTO queue.jobs (id, queue, state, payload, priority, run_at, max_attempts, timeout, created_at)
     VALUES (job_id, q.name, 'queued', payload, priority, coalesce(run_at, now()),
             coalesce(max_attempts, q.max_attempts), timeout, now());
     IF run_at IS NULL OR run_at <= now() THEN
-        PERFORM queue.announce(q, 1, job_id);
+        IF q.notify THEN
+            PERFORM pg_notify(queue.channel(q.name), job_id::text);
+        ELSE
+            PERFORM queue.wake_executors(1);
+        END IF;
     END IF;
     RETURN job_id;
 END
