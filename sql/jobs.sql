@@ -241,3 +241,28 @@ RETURN least(max, base * power(2, least(greatest(attempt, 1) - 1, 40)))
        * (0.5 + random() * 0.5);
 COMMENT ON FUNCTION queue.backoff(interval, interval, integer) IS
     'Delay before retrying after failed attempt n: least(max, base * 2^(n-1)), jittered to between half and all of it.';
+
+CREATE FUNCTION queue.purge(queue text, older_than interval DEFAULT '0',
+                            states queue.job_state[] DEFAULT '{succeeded,failed,cancelled}')
+RETURNS bigint LANGUAGE plpgsql AS $$
+DECLARE
+    q queue.queues := queue.lock_queue(queue);
+    n bigint;
+BEGIN
+    IF older_than IS NULL OR older_than < interval '0' THEN
+        RAISE EXCEPTION 'older_than must be zero or positive, not %', coalesce(older_than::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    ELSIF states IS NULL OR cardinality(states) = 0
+          OR NOT states <@ '{succeeded,failed,cancelled}'::queue.job_state[] THEN
+        RAISE EXCEPTION 'states must be terminal states (succeeded, failed, cancelled), not %',
+                        coalesce(states::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    DELETE FROM queue.history h
+     WHERE h.queue = q.name AND h.state = ANY(states) AND h.finished_at < now() - older_than;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION queue.purge(text, interval, queue.job_state[]) IS
+    'Deletes a queue''s finished jobs older than older_than (in the given terminal states) from history now, in one statement; returns how many. Retention does this by itself in batches.';

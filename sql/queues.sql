@@ -59,6 +59,17 @@ BEGIN
 END
 $$;
 
+-- check_state_retentions: the per-state retentions are NULL (the queue's retention) or positive.
+CREATE FUNCTION queue.check_state_retentions(succeeded interval, failed interval, cancelled interval)
+RETURNS void LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF succeeded <= interval '0' OR failed <= interval '0' OR cancelled <= interval '0' THEN
+        RAISE EXCEPTION 'retention_succeeded, retention_failed and retention_cancelled must be positive (or NULL)'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+END
+$$;
+
 -- find_queue: the queue's row (locked when for_update), 22004 for NULL, 42704 when none.
 CREATE FUNCTION queue.find_queue(queue_name text, for_update boolean DEFAULT false)
 RETURNS queue.queues LANGUAGE plpgsql AS $$
@@ -104,7 +115,10 @@ CREATE FUNCTION queue.create_queue(
     backoff_base  interval DEFAULT '1 second',
     backoff_max   interval DEFAULT '1 hour',
     retention     interval DEFAULT '7 days',
-    paused        boolean  DEFAULT false)
+    paused        boolean  DEFAULT false,
+    retention_succeeded interval DEFAULT NULL,
+    retention_failed    interval DEFAULT NULL,
+    retention_cancelled interval DEFAULT NULL)
 RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
     handler_sig text;
@@ -125,19 +139,23 @@ BEGIN
         handler_sig := queue.check_handler(handler);
     END IF;
     PERFORM queue.check_settings(concurrency, max_attempts, timeout, backoff_base, backoff_max, retention);
+    PERFORM queue.check_state_retentions(retention_succeeded, retention_failed, retention_cancelled);
     INSERT INTO queue.queues AS q (name, handler, notify, concurrency, max_attempts, timeout,
-                                   backoff_base, backoff_max, retention, paused)
+                                   backoff_base, backoff_max, retention, paused,
+                                   retention_succeeded, retention_failed, retention_cancelled)
     VALUES (create_queue.name, handler_sig, create_queue.notify, create_queue.concurrency,
             create_queue.max_attempts, create_queue.timeout, create_queue.backoff_base,
-            create_queue.backoff_max, create_queue.retention, coalesce(create_queue.paused, false))
+            create_queue.backoff_max, create_queue.retention, coalesce(create_queue.paused, false),
+            create_queue.retention_succeeded, create_queue.retention_failed,
+            create_queue.retention_cancelled)
     ON CONFLICT DO NOTHING;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'queue "%" already exists', name USING ERRCODE = 'duplicate_object';
     END IF;
 END
 $$;
-COMMENT ON FUNCTION queue.create_queue(text, regprocedure, boolean, integer, integer, interval, interval, interval, interval, boolean) IS
-    'Creates a queue run by a SQL handler (a procedure or function taking payload jsonb), or a NOTIFY queue for external consumers. The caller owns it; the handler runs with the owner''s privileges.';
+COMMENT ON FUNCTION queue.create_queue(text, regprocedure, boolean, integer, integer, interval, interval, interval, interval, boolean, interval, interval, interval) IS
+    'Creates a queue run by a SQL handler (a procedure or function taking payload jsonb), or a NOTIFY queue for external consumers. The caller owns it; the handler runs with the owner''s privileges. retention: how long finished jobs stay in history (retention_succeeded/failed/cancelled override it per state).';
 
 -- alter_queue: NULL leaves a setting unchanged.
 CREATE FUNCTION queue.alter_queue(
@@ -148,7 +166,10 @@ CREATE FUNCTION queue.alter_queue(
     timeout       interval DEFAULT NULL,
     backoff_base  interval DEFAULT NULL,
     backoff_max   interval DEFAULT NULL,
-    retention     interval DEFAULT NULL)
+    retention     interval DEFAULT NULL,
+    retention_succeeded interval DEFAULT NULL,
+    retention_failed    interval DEFAULT NULL,
+    retention_cancelled interval DEFAULT NULL)
 RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
     q queue.queues := queue.lock_queue(name);
@@ -166,15 +187,21 @@ BEGIN
     q.backoff_base := coalesce(alter_queue.backoff_base, q.backoff_base);
     q.backoff_max  := coalesce(alter_queue.backoff_max, q.backoff_max);
     q.retention    := coalesce(alter_queue.retention, q.retention);
+    q.retention_succeeded := coalesce(alter_queue.retention_succeeded, q.retention_succeeded);
+    q.retention_failed    := coalesce(alter_queue.retention_failed, q.retention_failed);
+    q.retention_cancelled := coalesce(alter_queue.retention_cancelled, q.retention_cancelled);
+    PERFORM queue.check_state_retentions(q.retention_succeeded, q.retention_failed, q.retention_cancelled);
     PERFORM queue.check_settings(q.concurrency, q.max_attempts, q.timeout,
                                  q.backoff_base, q.backoff_max, q.retention);
     UPDATE queue.queues SET handler = q.handler, concurrency = q.concurrency,
            max_attempts = q.max_attempts, timeout = q.timeout, backoff_base = q.backoff_base,
-           backoff_max = q.backoff_max, retention = q.retention
+           backoff_max = q.backoff_max, retention = q.retention,
+           retention_succeeded = q.retention_succeeded, retention_failed = q.retention_failed,
+           retention_cancelled = q.retention_cancelled
      WHERE queues.name = q.name;
 END
 $$;
-COMMENT ON FUNCTION queue.alter_queue(text, regprocedure, integer, integer, interval, interval, interval, interval) IS
+COMMENT ON FUNCTION queue.alter_queue(text, regprocedure, integer, integer, interval, interval, interval, interval, interval, interval, interval) IS
     'Changes a queue''s settings; NULL arguments leave a setting unchanged. Jobs already enqueued keep their own max_attempts.';
 
 -- drop_queue: refuses while the queue has live jobs, unless force, which cancels them

@@ -27,7 +27,10 @@ CREATE TABLE queue.queues (
     timeout       interval    NOT NULL,
     backoff_base  interval    NOT NULL,
     backoff_max   interval    NOT NULL,
-    retention     interval    NOT NULL,
+    retention     interval    NOT NULL,               -- how long terminal jobs stay in history
+    retention_succeeded interval,                     -- per state; NULL: retention
+    retention_failed    interval,
+    retention_cancelled interval,
     paused        boolean     NOT NULL DEFAULT false,
     created_at    timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT queues_name_valid CHECK (name ~ '^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,62}$'),
@@ -36,7 +39,9 @@ CREATE TABLE queue.queues (
     CONSTRAINT queues_max_attempts_positive CHECK (max_attempts > 0),
     CONSTRAINT queues_timeout_positive CHECK (timeout > interval '0'),
     CONSTRAINT queues_backoff_valid CHECK (backoff_base >= interval '0' AND backoff_max >= backoff_base),
-    CONSTRAINT queues_retention_positive CHECK (retention > interval '0')
+    CONSTRAINT queues_retention_positive CHECK (retention > interval '0'
+        AND retention_succeeded > interval '0' IS NOT FALSE AND retention_failed > interval '0' IS NOT FALSE
+        AND retention_cancelled > interval '0' IS NOT FALSE)
 );
 
 -- jobs: live jobs only. fillfactor leaves room for in-place (HOT) updates of a job's own

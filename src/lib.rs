@@ -21,6 +21,7 @@
 use pgrx::prelude::*;
 
 mod api;
+mod cron;
 mod gucs;
 mod shmem;
 mod state;
@@ -48,6 +49,11 @@ extension_sql_file!(
     "../sql/consumers.sql",
     name = "consumers",
     requires = ["jobs", api::executors]
+);
+extension_sql_file!(
+    "../sql/schedules.sql",
+    name = "schedules",
+    requires = ["jobs", cron::cron_next]
 );
 
 /// Called in every process that loads the library. Settings that can change at run time are

@@ -699,4 +699,154 @@ mod tests {
         assert!(a.len() <= 63 && b.len() <= 63, "{a} {b}");
         assert_ne!(a, b);
     }
+
+    // ---- Schedules (sql/schedules.sql) and retention settings ----
+
+    #[pg_test]
+    fn schedule_rejects_bad_input_and_changes_nothing() {
+        create("cronq");
+        let cases = [
+            ("SELECT queue.schedule('s', 'not cron', 'cronq')", "22023"),
+            ("SELECT queue.schedule('s', '61 * * * *', 'cronq')", "22023"),
+            ("SELECT queue.schedule('s', '0 0 30 2 *', 'cronq')", "22023"),
+            ("SELECT queue.schedule('s', '@every 0s', 'cronq')", "22023"),
+            (
+                "SELECT queue.schedule('s', '* * * * *', 'cronq', time_zone => 'Mars/Base')",
+                "22023",
+            ),
+            (
+                "SELECT queue.schedule('s', '* * * * *', 'cronq', overlap => 'never')",
+                "22023",
+            ),
+            (
+                "SELECT queue.schedule('s', '* * * * *', 'cronq', catch_up => 'some')",
+                "22023",
+            ),
+            (
+                "SELECT queue.schedule('s', '* * * * *', 'cronq', catch_up_window => '0')",
+                "22023",
+            ),
+            ("SELECT queue.schedule('s', '* * * * *', 'nope')", "42704"),
+            ("SELECT queue.schedule(NULL, '* * * * *', 'cronq')", "22023"),
+            (
+                "SELECT queue.schedule('bad name!', '* * * * *', 'cronq')",
+                "22023",
+            ),
+            ("SELECT queue.schedule('s', NULL, 'cronq')", "22004"),
+            (
+                "SELECT queue.schedule('s', '* * * * *', 'cronq', payload => NULL)",
+                "22004",
+            ),
+            (
+                "SELECT queue.schedule('s', '* * * * *', 'cronq', max_attempts => 0)",
+                "22023",
+            ),
+            ("SELECT queue.unschedule('nope')", "42704"),
+            (
+                "SELECT queue.alter_schedule('nope', enabled => false)",
+                "42704",
+            ),
+            ("SELECT queue.cron_next('bad', now())", "22023"),
+        ];
+        for (stmt, code) in cases {
+            assert_eq!(sqlstate(stmt).as_deref(), Some(code), "{stmt}");
+        }
+        assert_eq!(count("SELECT count(*) FROM queue.schedule_defs"), 0);
+    }
+
+    #[pg_test]
+    fn schedule_create_replace_alter_unschedule() {
+        create("cronq");
+        Spi::run("SELECT queue.schedule('nightly', '30 2 * * *', 'cronq', '{\"k\": 1}', time_zone => 'Europe/Paris')")
+            .unwrap();
+        assert_eq!(
+            one::<bool>(
+                "SELECT next_run_at = queue.cron_next('30 2 * * *', now(), 'Europe/Paris')
+                        AND enabled AND overlap = 'skip' AND catch_up = 'latest' AND last_job IS NULL
+                   FROM queue.schedules WHERE name = 'nightly'"
+            ),
+            Some(true)
+        );
+        // Same name: replaced, not duplicated.
+        Spi::run("SELECT queue.schedule('nightly', '@every 10s', 'cronq', overlap => 'allow')")
+            .unwrap();
+        assert_eq!(
+            one::<String>("SELECT cron || ' ' || overlap || ' ' || time_zone FROM queue.schedules")
+                .as_deref(),
+            Some("@every 10s allow UTC")
+        );
+        Spi::run("SELECT queue.alter_schedule('nightly', enabled => false)").unwrap();
+        assert_eq!(
+            one::<bool>("SELECT next_run_at IS NULL AND NOT enabled FROM queue.schedules"),
+            Some(true)
+        );
+        Spi::run("SELECT queue.alter_schedule('nightly', cron => '0 * * * *', enabled => true)")
+            .unwrap();
+        assert_eq!(
+            one::<bool>("SELECT next_run_at = date_trunc('hour', now()) + interval '1 hour' FROM queue.schedules"),
+            Some(true)
+        );
+        Spi::run("SELECT queue.unschedule('nightly')").unwrap();
+        assert_eq!(count("SELECT count(*) FROM queue.schedules"), 0);
+    }
+
+    #[pg_test]
+    fn cron_next_in_a_time_zone() {
+        assert_eq!(
+            one::<bool>(
+                "SELECT queue.cron_next('0 9 * * *', '2026-01-10 12:00Z', 'Europe/Paris') = '2026-01-11 08:00Z'
+                    AND queue.cron_next('0 9 * * *', '2026-07-10 12:00Z', 'Europe/Paris') = '2026-07-11 07:00Z'
+                    AND queue.cron_next('@every 1h', '2026-01-01 00:30Z') = '2026-01-01 01:00Z'"
+            ),
+            Some(true)
+        );
+    }
+
+    #[pg_test]
+    fn purge_and_per_state_retention() {
+        Spi::run(
+            "SELECT queue.create_queue('p', 'tests.noop(jsonb)', retention_failed => '30 days')",
+        )
+        .unwrap();
+        assert_eq!(
+            sqlstate(
+                "SELECT queue.create_queue('p2', 'tests.noop(jsonb)', retention_cancelled => '0')"
+            )
+            .as_deref(),
+            Some("22023")
+        );
+        assert_eq!(
+            sqlstate("SELECT queue.alter_queue('p', retention_succeeded => '-1 day')").as_deref(),
+            Some("22023")
+        );
+        Spi::run(
+            "INSERT INTO queue.history (id, queue, state, payload, priority, run_at, attempts, max_attempts,
+                                        created_at, finished_at, errors)
+             SELECT queue.uuid_generate_v7(), 'p', st, '{}', 0, now(), 1, 1, now() - interval '3 hours', f, '[]'
+               FROM unnest('{succeeded,failed,cancelled}'::queue.job_state[]) st,
+                    unnest(ARRAY[now() - interval '2 hours', now()]) f",
+        )
+        .unwrap();
+        assert_eq!(
+            sqlstate("SELECT queue.purge('p', '1 hour', '{queued}')").as_deref(),
+            Some("22023")
+        );
+        assert_eq!(
+            sqlstate("SELECT queue.purge('p', '-1 hour')").as_deref(),
+            Some("22023")
+        );
+        assert_eq!(
+            sqlstate("SELECT queue.purge('nope')").as_deref(),
+            Some("42704")
+        );
+        assert_eq!(
+            one::<i64>("SELECT queue.purge('p', '1 hour', '{failed}')"),
+            Some(1)
+        );
+        assert_eq!(one::<i64>("SELECT queue.purge('p', '1 hour')"), Some(2));
+        assert_eq!(
+            count("SELECT count(*) FROM queue.history WHERE queue = 'p'"),
+            3
+        );
+    }
 }

@@ -1,11 +1,12 @@
 //! Launcher: the static background worker. Connects to `queue.database`, waits for the
 //! extension, then on every `queue.maintenance_interval` reaps jobs of dead executors and
-//! expired consumer leases, announces NOTIFY-queue jobs that became ready by time, keeps
-//! history partitions ahead, and keeps `queue.max_workers` executors running. Between
-//! ticks it wakes at the next such deadline, so announcements and reaps are not late.
+//! expired consumer leases, fires due cron schedules, announces NOTIFY-queue jobs that
+//! became ready by time, keeps history partitions ahead and history within retention, and
+//! keeps `queue.max_workers` executors running. Between ticks it wakes at the next such
+//! deadline (a plan time, a lease expiring), so none of them is late.
 //! Registered with BgWorkerStart_RecoveryFinished: a standby runs nothing until promoted.
 
-use super::{maintenance, transaction};
+use super::{maintenance, retention, transaction};
 use crate::{gucs, shmem};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder};
 use pgrx::prelude::*;
@@ -19,6 +20,8 @@ const PARTITION_INTERVAL: Duration = Duration::from_secs(600);
 /// Once per tick, announcing looks this far back for jobs whose enqueue committed after
 /// their run_at had passed (see maintenance::announce_ready).
 const ANNOUNCE_LOOKBACK: Duration = Duration::from_secs(1);
+/// Retention runs every this many ticks.
+const RETENTION_EVERY_TICKS: u32 = 10;
 /// Passes between ticks are at least this far apart.
 const MIN_PASS_GAP: Duration = Duration::from_millis(5);
 
@@ -43,6 +46,7 @@ pub extern "C-unwind" fn pg_queue_launcher_main(_arg: pg_sys::Datum) {
 
     let mut last_partitions: Option<Instant> = None;
     let mut last_tick: Option<Instant> = None;
+    let mut ticks: u32 = 0;
     let mut announced_until = None;
     let mut warned_missing = false;
     loop {
@@ -61,8 +65,13 @@ pub extern "C-unwind" fn pg_queue_launcher_main(_arg: pg_sys::Datum) {
                     last_partitions = Some(Instant::now());
                 }
                 forget_dead_executors();
+                if ticks.is_multiple_of(RETENTION_EVERY_TICKS) {
+                    apply_retention();
+                }
+                ticks = ticks.wrapping_add(1);
             }
             reap_dead_owners();
+            fire_schedules();
             let lookback = if tick {
                 ANNOUNCE_LOOKBACK
             } else {
@@ -92,6 +101,27 @@ pub extern "C-unwind" fn pg_queue_launcher_main(_arg: pg_sys::Datum) {
         if !BackgroundWorker::wait_latch(Some(sleep)) {
             break;
         }
+    }
+}
+
+/// Enqueues the jobs of due cron schedules.
+fn fire_schedules() {
+    if let Ok(Err(e)) | Err(e) = transaction(crate::cron::fire_due) {
+        log!("pg_queue launcher: firing schedules failed: {e}");
+    }
+}
+
+fn apply_retention() {
+    match retention::run_pass() {
+        Ok(report) => {
+            for part in report.partitions_dropped {
+                log!("pg_queue launcher: retention dropped history partition {part}");
+            }
+            for (what, rows, batches) in report.deleted {
+                log!("pg_queue launcher: retention deleted {rows} rows of {what} in {batches} batches");
+            }
+        }
+        Err(e) => log!("pg_queue launcher: retention failed: {e}"),
     }
 }
 

@@ -110,14 +110,15 @@ WITH due AS (
 )
 SELECT count(pg_notify(queue.channel(queue), CASE WHEN n = 1 THEN id ELSE '' END)) FROM due";
 
-/// When the launcher must look again: the next run_at of a NOTIFY-queue job, or the next
-/// expiry of a consumer's lease, whichever comes first.
+/// When the launcher must look again: the next run_at of a NOTIFY-queue job, the next
+/// expiry of a consumer's lease, or the next plan of a schedule, whichever comes first.
 const NEXT_DEADLINE_SQL: &str = "
 SELECT ceil(extract(epoch FROM least(
            (SELECT min(j.run_at) FROM queue.jobs j JOIN queue.queues q ON q.name = j.queue AND q.notify
              WHERE j.state = 'queued' AND j.run_at > j.created_at AND j.run_at > $1),
            (SELECT min(lease_expires_at) FROM queue.jobs
-             WHERE state = 'running' AND consumer IS NOT NULL AND lease_expires_at > $1))
+             WHERE state = 'running' AND consumer IS NOT NULL AND lease_expires_at > $1),
+           (SELECT min(next_run_at) FROM queue.schedule_defs WHERE enabled AND next_run_at > $1))
        - clock_timestamp()) * 1000)::int8";
 
 /// Announces NOTIFY-queue jobs that became ready in (`since` - `lookback`, now] (`since`

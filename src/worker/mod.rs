@@ -6,6 +6,7 @@ pub mod executor;
 pub mod launcher;
 pub mod maintenance;
 mod plans;
+pub mod retention;
 pub use plans::kept;
 
 use pgrx::pg_sys;
