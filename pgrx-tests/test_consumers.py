@@ -99,17 +99,17 @@ def test_four_consumers_drain_2000_jobs_exactly_once(cluster, db, name):
 
 def test_a_killed_consumers_job_is_redelivered_after_its_lease(cluster, db, name):
     create_notify_queue(db, name, backoff_base="0", backoff_max="0")
-    first = Consumer(cluster, name, f"{name}-first", "--lease", "1", "--poll", "60")
+    first = Consumer(cluster, name, f"{name}-first", "--lease", "2", "--poll", "60")
     wait_listening(db, name, 1)
-    job = scalar(db, "SELECT queue.enqueue(%s, '{\"sleep\": 1.5}')", (name,))
+    job = scalar(db, "SELECT queue.enqueue(%s, '{\"sleep\": 3}')", (name,))
     wait_for(lambda: scalar(db, "SELECT consumer FROM queue.jobs WHERE id = %s", (job,)),
              timeout=30, interval=0.005, what="the first consumer holding the job")
-    # It heartbeats meanwhile: the lease (1 s) outlives the first second of work.
-    time.sleep(1.2)
+    # It heartbeats meanwhile (every third of the lease): the job outlives its 2 s lease.
+    time.sleep(2.5)
     assert scalar(db, "SELECT consumer FROM queue.jobs WHERE id = %s", (job,)) == f"{name}-first"
     first.kill()
     killed = time.monotonic()
-    second = Consumer(cluster, name, f"{name}-second", "--lease", "1", "--poll", "60")
+    second = Consumer(cluster, name, f"{name}-second", "--lease", "2", "--poll", "60")
     try:
         wait_for(lambda: scalar(db, "SELECT state = 'succeeded' FROM queue.history WHERE id = %s",
                                 (job,)), timeout=30, what="the job completed by the second consumer")
@@ -121,7 +121,7 @@ def test_a_killed_consumers_job_is_redelivered_after_its_lease(cluster, db, name
     assert row == (f"{name}-second", 2, f"lease expired (consumer {name}-first)")
     assert [line[:2] for line in second.lines] == [["completed", str(job)]]
     print(f"\nkilled consumer's job completed elsewhere {took:.2f}s after the kill "
-          "(lease 1 s, then the 1.5 s job)")
+          "(lease 2 s, then the 3 s job)")
 
 
 def test_notify_wakes_a_waiting_consumer(cluster, db, name):

@@ -530,9 +530,11 @@ const CLAIM_SQL: &str = "
 WITH c AS (
     SELECT id FROM queue.jobs
      WHERE queue = $1 AND state = 'queued' AND run_at <= statement_timestamp()
+       AND NOT (SELECT paused FROM queue.queues WHERE name = $1)
      ORDER BY priority, run_at, id
-     LIMIT greatest(0, least($2, $3 - (SELECT count(*) FROM queue.jobs
-                                        WHERE queue = $1 AND state = 'running')))
+     LIMIT CASE WHEN $3 >= $5 THEN $2
+                ELSE greatest(0, least($2, $3 - (SELECT count(*) FROM queue.jobs
+                                                  WHERE queue = $1 AND state = 'running'))) END
      FOR UPDATE SKIP LOCKED
 )
 UPDATE queue.jobs j
@@ -542,8 +544,33 @@ UPDATE queue.jobs j
 RETURNING j.id, j.lease_token, j.attempts, j.max_attempts, j.payload::text,
           (extract(epoch FROM j.timeout) * 1000)::int4";
 
+/// A concurrency limit this high is never reached by executors: each holds at most one
+/// batch (64 executors x 64 jobs), and as many may still be held by dead ones until reaped.
+/// Such a queue's claims skip the claim lock and the running count: executors claiming from
+/// one queue then commit side by side instead of queueing behind each other's commit.
+const UNLIMITED: i32 = 2 * gucs::MAX_EXECUTORS as i32 * gucs::MAX_BATCH;
+
 /// Key space of pg_queue's advisory locks (first half of the two-int4 key): 'pgqu'.
 pub const ADVISORY_LOCK_SPACE: i32 = 0x7067_7175;
+
+/// A queue with ready jobs, and how to run them.
+#[derive(Clone)]
+struct ReadyQueue {
+    name: String,
+    concurrency: i32,
+    handler: Handler,
+    timeout_ms: i32,
+}
+
+/// How long a queue that filled a whole batch is claimed from again without reading
+/// READY_QUEUES_SQL: saves a catalog join per batch under load, and bounds how late a
+/// changed handler or concurrency is seen (a pause is seen at once: CLAIM_SQL checks it).
+const HOT_QUEUE_TTL: Duration = Duration::from_millis(100);
+
+thread_local! {
+    /// The queue the last full batch came from, and since when.
+    static HOT_QUEUE: RefCell<Option<(Instant, ReadyQueue)>> = const { RefCell::new(None) };
+}
 
 fn claim(
     client: &mut SpiClient<'_>,
@@ -553,25 +580,63 @@ fn claim(
 ) -> Result<VecDeque<Claimed>, SqlError> {
     // SAFETY: statement_timestamp() in the claim is the start of the claim, not of the batch.
     unsafe { pg_sys::SetCurrentStatementStartTimestamp() };
+    let hot = HOT_QUEUE.with_borrow_mut(|h| match h.take() {
+        Some((since, q)) if since.elapsed() < HOT_QUEUE_TTL => Some((since, q)),
+        _ => None,
+    });
+    if let Some((since, q)) = hot {
+        let claimed = claim_from(client, executor_id, limit, &q)?;
+        if claimed.len() == limit as usize {
+            HOT_QUEUE.set(Some((since, q)));
+            return Ok(claimed);
+        }
+        if !claimed.is_empty() {
+            return Ok(claimed);
+        }
+    }
+    let queues = ready_queues(client)?;
+    let n = queues.len();
+    for i in 0..n {
+        let q = &queues[(turn + i) % n];
+        let claimed = claim_from(client, executor_id, limit, q)?;
+        if claimed.len() == limit as usize {
+            HOT_QUEUE.set(Some((Instant::now(), q.clone())));
+        }
+        if !claimed.is_empty() {
+            return Ok(claimed);
+        }
+    }
+    Ok(VecDeque::new())
+}
+
+fn ready_queues(client: &mut SpiClient<'_>) -> Result<Vec<ReadyQueue>, SqlError> {
     let mut queues = Vec::new();
     let ready = kept(client, READY_QUEUES_SQL, &[])?;
     for row in client.update(&*ready, None, &[])? {
         let name: Option<String> = row.get(1)?;
         let Some(name) = name else { continue };
-        queues.push((
+        queues.push(ReadyQueue {
             name,
-            row.get::<i32>(2)?.unwrap_or(1),
-            Handler {
+            concurrency: row.get::<i32>(2)?.unwrap_or(1),
+            handler: Handler {
                 owner: row.get::<pg_sys::Oid>(3)?.unwrap_or(pg_sys::Oid::INVALID),
                 call_sql: row.get::<String>(5)?,
                 keeps_result: row.get::<bool>(6)?.unwrap_or(false),
             },
-            row.get::<i32>(4)?.unwrap_or(300_000),
-        ));
+            timeout_ms: row.get::<i32>(4)?.unwrap_or(300_000),
+        });
     }
-    let n = queues.len();
-    for i in 0..n {
-        let (name, concurrency, handler, queue_timeout) = &queues[(turn + i) % n];
+    Ok(queues)
+}
+
+/// Claims up to `limit` ready jobs of queue `q` (CLAIM_SQL).
+fn claim_from(
+    client: &mut SpiClient<'_>,
+    executor_id: pgrx::Uuid,
+    limit: i32,
+    q: &ReadyQueue,
+) -> Result<VecDeque<Claimed>, SqlError> {
+    if q.concurrency < UNLIMITED {
         let lock = kept(
             client,
             "SELECT pg_advisory_xact_lock($1, hashtext($2))",
@@ -580,51 +645,49 @@ fn claim(
         client.update(
             &*lock,
             None,
-            &[ADVISORY_LOCK_SPACE.into(), name.as_str().into()],
+            &[ADVISORY_LOCK_SPACE.into(), q.name.as_str().into()],
         )?;
-        let plan = kept(
-            client,
-            CLAIM_SQL,
-            &[
-                BuiltIn(TEXTOID),
-                BuiltIn(INT4OID),
-                BuiltIn(INT4OID),
-                BuiltIn(UUIDOID),
-            ],
-        )?;
-        let rows = client.update(
-            &*plan,
-            None,
-            &[
-                name.as_str().into(),
-                limit.into(),
-                (*concurrency).into(),
-                executor_id.into(),
-            ],
-        )?;
-        let mut claimed = VecDeque::with_capacity(rows.len());
-        for row in rows {
-            let (Some(id), Some(lease_token)) =
-                (row.get::<pgrx::Uuid>(1)?, row.get::<pgrx::Uuid>(2)?)
-            else {
-                continue;
-            };
-            claimed.push_back(Claimed {
-                id,
-                lease_token,
-                queue: name.clone(),
-                attempt: row.get::<i32>(3)?.unwrap_or(1),
-                max_attempts: row.get::<i32>(4)?.unwrap_or(1),
-                payload: row.get::<String>(5)?.unwrap_or_else(|| "{}".into()),
-                timeout_ms: row.get::<i32>(6)?.unwrap_or(*queue_timeout),
-                handler: handler.clone(),
-            });
-        }
-        if !claimed.is_empty() {
-            return Ok(claimed);
-        }
     }
-    Ok(VecDeque::new())
+    let plan = kept(
+        client,
+        CLAIM_SQL,
+        &[
+            BuiltIn(TEXTOID),
+            BuiltIn(INT4OID),
+            BuiltIn(INT4OID),
+            BuiltIn(UUIDOID),
+            BuiltIn(INT4OID),
+        ],
+    )?;
+    let rows = client.update(
+        &*plan,
+        None,
+        &[
+            q.name.as_str().into(),
+            limit.into(),
+            q.concurrency.into(),
+            executor_id.into(),
+            UNLIMITED.into(),
+        ],
+    )?;
+    let mut claimed = VecDeque::with_capacity(rows.len());
+    for row in rows {
+        let (Some(id), Some(lease_token)) = (row.get::<pgrx::Uuid>(1)?, row.get::<pgrx::Uuid>(2)?)
+        else {
+            continue;
+        };
+        claimed.push_back(Claimed {
+            id,
+            lease_token,
+            queue: q.name.clone(),
+            attempt: row.get::<i32>(3)?.unwrap_or(1),
+            max_attempts: row.get::<i32>(4)?.unwrap_or(1),
+            payload: row.get::<String>(5)?.unwrap_or_else(|| "{}".into()),
+            timeout_ms: row.get::<i32>(6)?.unwrap_or(q.timeout_ms),
+            handler: q.handler.clone(),
+        });
+    }
+    Ok(claimed)
 }
 
 /// How long until the next scheduled job becomes ready, if one is queued.

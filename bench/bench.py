@@ -1,0 +1,324 @@
+#!/usr/bin/env python3
+"""pg_queue benchmark: Postgres's own floors (pgbench) and pg_queue's figures, measured in
+one run on one throwaway cluster, reported as ratios. Run through bench/run.sh.
+
+    bench/run.sh            durable commits (synchronous_commit = on, fsync = on)
+    bench/run.sh --fast     synchronous_commit = off
+    bench/run.sh --smoke    seconds-long run of every step with tiny sizes (CI)
+
+On 2 noisy cores only ratios measured in the same run mean anything; absolute figures
+are printed for the record.
+"""
+import argparse
+import datetime
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "pgrx-tests"))
+from cluster import Cluster, PG_BIN  # noqa: E402
+
+SIZES = {
+    # name: (floor jobs per client count, drain jobs, latency jobs, history rows, rss jobs,
+    #        enqueue seconds, enqueue_many calls)
+    "full": dict(floor_single=20_000, floor_batch=200_000, drain=50_000, latency=500,
+                 history=5_000_000, rss=1_000_000, enqueue_secs=5, many_calls=10),
+    "smoke": dict(floor_single=500, floor_batch=2_000, drain=2_000, latency=20,
+                  history=20_000, rss=5_000, enqueue_secs=1, many_calls=2),
+}
+
+# Equivalent of queue.jobs / queue.history for the floors: the same columns that matter,
+# the same partial claim index, no extension code.
+FLOOR_SCHEMA = """
+CREATE TABLE floor_jobs (
+    id bigserial PRIMARY KEY, queue text NOT NULL DEFAULT 'floor', state text NOT NULL DEFAULT 'queued',
+    payload jsonb NOT NULL DEFAULT '{}', priority int NOT NULL DEFAULT 0,
+    run_at timestamptz NOT NULL DEFAULT now(), attempts int NOT NULL DEFAULT 0,
+    lease_token uuid) WITH (fillfactor = 80);
+CREATE INDEX ON floor_jobs (queue, priority, run_at, id) WHERE state = 'queued';
+CREATE INDEX ON floor_jobs (queue) WHERE state = 'running';
+CREATE TABLE floor_history (LIKE floor_jobs, finished_at timestamptz);
+"""
+
+# n jobs per transaction: claim them (running, attempt counted), then complete them (moved
+# to history), as an external worker does; another client's claimed rows are not yet
+# visible as running, so each client completes its own.
+FLOOR_CLAIM_COMPLETE = """
+BEGIN;
+WITH c AS (SELECT id FROM floor_jobs WHERE queue = 'floor' AND state = 'queued' AND run_at <= now()
+            ORDER BY priority, run_at, id LIMIT {n} FOR UPDATE SKIP LOCKED)
+UPDATE floor_jobs j SET state = 'running', attempts = j.attempts + 1, lease_token = gen_random_uuid()
+  FROM c WHERE j.id = c.id;
+WITH d AS (DELETE FROM floor_jobs WHERE queue = 'floor' AND state = 'running' RETURNING *)
+INSERT INTO floor_history SELECT *, now() FROM d;
+COMMIT;
+"""
+
+NOOP_HANDLER = """
+CREATE PROCEDURE bench_noop(payload jsonb) LANGUAGE plpgsql AS $$ BEGIN END $$;
+CREATE TABLE bench_pickup (job uuid, at timestamptz DEFAULT clock_timestamp());
+CREATE PROCEDURE bench_pickup_h(payload jsonb) LANGUAGE sql AS $$
+    INSERT INTO public.bench_pickup (job) SELECT id FROM queue.current_job()
+$$;
+"""
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.size = SIZES["smoke" if args.smoke else "full"]
+        self.rows = []  # (what, value, unit, floor name or None)
+        self.floors = {}
+        settings = {
+            "fsync": "on",
+            "synchronous_commit": "off" if args.fast else "on",
+            "listen_addresses": "'127.0.0.1'",
+            "shared_buffers": "'1GB'",
+            "max_wal_size": "'8GB'",
+            "checkpoint_timeout": "'30min'",
+            "wal_buffers": "'64MB'",
+            "max_connections": "50",
+            "queue.max_workers": "0",
+            "queue.maintenance_interval": "'1s'",
+            "log_min_messages": "warning",
+        }
+        self.cluster = Cluster(settings)
+        self.settings = settings
+
+    # -- helpers ---------------------------------------------------------------------
+    def sql(self, query, params=None):
+        with self.cluster.connect() as c:
+            cur = c.execute(query, params)
+            return cur.fetchall() if cur.description else None
+
+    def one(self, query, params=None):
+        rows = self.sql(query, params)
+        return rows[0][0] if rows else None
+
+    def pgbench(self, script, clients, transactions=None, seconds=None):
+        """Runs a pgbench custom script over TCP loopback; returns transactions per second."""
+        with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as f:
+            f.write(script)
+        os.chmod(f.name, 0o644)
+        cmd = [f"{PG_BIN}/pgbench", "-n", "-h", "127.0.0.1", "-p", str(self.cluster.port),
+               "-U", "postgres", "-c", str(clients), "-j", str(clients), "-f", f.name]
+        cmd += ["-t", str(transactions)] if transactions else ["-T", str(seconds)]
+        out = subprocess.run(cmd + ["postgres"], check=True, capture_output=True, text=True).stdout
+        os.unlink(f.name)
+        return float(re.search(r"tps = ([\d.]+) \(without initial connection time\)", out).group(1))
+
+    def record(self, what, value, unit, floor=None):
+        self.rows.append((what, value, unit, floor))
+        ratio = f"  ({value / self.floors[floor]:.2f}x {floor})" if floor in self.floors else ""
+        print(f"  {what:<52} {value:>12,.1f} {unit}{ratio}", flush=True)
+
+    def floor(self, name, value):
+        self.floors[name] = value
+        self.record(name, value, "rows/s" if "INSERT" in name else "jobs/s")
+
+    def set_workers(self, n):
+        self.sql(f"ALTER SYSTEM SET queue.max_workers = {int(n)}")
+        self.sql("SELECT pg_reload_conf()")
+        deadline = time.monotonic() + 30
+        while self.one("SELECT count(*) FROM queue.executors()") != n:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"executors did not reach {n}")
+            time.sleep(0.05)
+
+    def executor_pids(self):
+        return [r[0] for r in self.sql("SELECT pid FROM queue.executors() ORDER BY slot")]
+
+    # -- floors ------------------------------------------------------------------------
+    def floors_run(self):
+        print("floors (pgbench, same table shape, no extension code):")
+        self.sql(FLOOR_SCHEMA)
+        for c in (1, 2, 4):
+            self.floor(f"INSERT floor, {c} client(s)",
+                       self.pgbench("INSERT INTO floor_jobs (payload) VALUES ('{}');", c,
+                                    seconds=self.size["enqueue_secs"]))
+        for n, total in ((1, self.size["floor_single"]), (64, self.size["floor_batch"])):
+            for c in (1, 2, 4):
+                self.sql("TRUNCATE floor_jobs, floor_history")
+                self.sql(f"INSERT INTO floor_jobs (payload) SELECT jsonb_build_object('i', i) "
+                         f"FROM generate_series(1, {total + 64 * c}) i")
+                self.sql("VACUUM ANALYZE floor_jobs")
+                tps = self.pgbench(FLOOR_CLAIM_COMPLETE.format(n=n), c,
+                                   transactions=max(1, total // n // c))
+                self.floor(f"claim+complete {n}/tx floor, {c} client(s)", tps * n)
+        self.sql("DROP TABLE floor_jobs, floor_history")
+
+    # -- pg_queue ----------------------------------------------------------------------
+    def enqueue_run(self):
+        print("pg_queue enqueue:")
+        self.sql("SELECT queue.create_queue('bench_enqueue', 'bench_noop(jsonb)', paused => true)")
+        for c in (1, 2, 4):
+            tps = self.pgbench("SELECT queue.enqueue('bench_enqueue', '{\"i\": 1}');", c,
+                               seconds=self.size["enqueue_secs"])
+            self.record(f"enqueue, {c} client(s)", tps, "jobs/s", f"INSERT floor, {c} client(s)")
+        calls = self.size["many_calls"]
+        with self.cluster.connect() as db:
+            start = time.monotonic()
+            for _ in range(calls):
+                db.execute("SELECT count(*) FROM queue.enqueue_many('bench_enqueue', "
+                           "array_fill('{\"i\": 1}'::jsonb, ARRAY[10000]))")
+            took = time.monotonic() - start
+        self.record("enqueue_many (10k per call), 1 client", calls * 10_000 / took, "jobs/s",
+                    "INSERT floor, 1 client(s)")
+        self.sql("SELECT queue.drop_queue('bench_enqueue', force => true)")
+        self.sql("TRUNCATE queue.history")
+
+    def drain(self, queue, n):
+        """Enqueues n jobs on the paused queue, resumes it, and returns jobs/s from the
+        jobs' own timestamps (first claim to last finish)."""
+        self.sql("SELECT queue.pause(%s)", (queue,))
+        self.sql("SELECT count(*) FROM queue.enqueue_many(%s, array_fill('{}'::jsonb, ARRAY[%s]))",
+                 (queue, n))
+        self.sql("VACUUM ANALYZE queue.jobs")
+        self.sql("SELECT queue.resume(%s)", (queue,))
+        deadline = time.monotonic() + 600
+        while self.one("SELECT count(*) FROM queue.jobs WHERE queue = %s", (queue,)):
+            if time.monotonic() > deadline:
+                raise RuntimeError("drain did not finish in 10 minutes")
+            time.sleep(0.05)
+        span, done = self.sql(
+            "SELECT extract(epoch FROM max(finished_at) - min(started_at)), count(*) "
+            "FILTER (WHERE state = 'succeeded') FROM queue.history WHERE queue = %s "
+            "AND finished_at >= now() - interval '1 hour'", (queue,))[0]
+        return done / float(span)
+
+    def drain_run(self):
+        print("pg_queue drain (no-op SQL handler):")
+        self.sql("SELECT queue.create_queue('bench_drain', 'bench_noop(jsonb)', concurrency => 10000)")
+        for w in (1, 2, 4):
+            self.set_workers(w)
+            rate = self.drain("bench_drain", self.size["drain"])
+            self.sql("TRUNCATE queue.history")
+            self.drain_rates = getattr(self, "drain_rates", {})
+            self.drain_rates[w] = rate
+            self.record(f"drain {self.size['drain']:,} jobs, {w} executor(s)", rate, "jobs/s",
+                        f"claim+complete 64/tx floor, {min(w, 4)} client(s)")
+
+    def latency_run(self):
+        print("pg_queue idle pickup (enqueue commit to handler start):")
+        self.set_workers(2)
+        self.sql("SELECT queue.create_queue('bench_pickup', 'bench_pickup_h(jsonb)')")
+        lat = []
+        with self.cluster.connect() as db:
+            for _ in range(self.size["latency"]):
+                with db.transaction():
+                    job = db.execute("SELECT queue.enqueue('bench_pickup')").fetchone()[0]
+                    committed = db.execute("SELECT clock_timestamp()").fetchone()[0]
+                deadline = time.monotonic() + 30
+                while True:
+                    at = db.execute("SELECT at FROM bench_pickup WHERE job = %s", (job,)).fetchone()
+                    if at:
+                        break
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("pickup timed out")
+                    time.sleep(0.001)
+                lat.append((at[0] - committed).total_seconds() * 1000)
+        lat.sort()
+        for p in (50, 95, 99):
+            self.record(f"idle pickup p{p} ({len(lat)} jobs)", lat[min(len(lat) - 1, len(lat) * p // 100)], "ms")
+
+    def history_run(self):
+        n = self.size["history"]
+        print(f"pg_queue drain with {n:,} terminal jobs in history (2 executors):")
+        self.sql(f"""INSERT INTO queue.history (id, queue, state, payload, priority, run_at, attempts,
+                       max_attempts, created_at, started_at, finished_at, errors)
+                     SELECT queue.uuid_generate_v7(), 'bench_old', 'succeeded', '{{}}', 0, now(), 1, 5,
+                            now() - interval '3 hours', now() - interval '3 hours', now() - interval '2 hours', '[]'
+                       FROM generate_series(1, {n})""")
+        self.sql("VACUUM ANALYZE queue.history")
+        self.set_workers(2)
+        rate = self.drain("bench_drain", self.size["drain"])
+        self.floors["drain, empty history, 2 executors"] = self.drain_rates[2]
+        self.record(f"drain {self.size['drain']:,} jobs, 2 executors, {n:,} in history", rate,
+                    "jobs/s", "drain, empty history, 2 executors")
+        self.sql("TRUNCATE queue.history")
+
+    def rss_run(self):
+        n = self.size["rss"]
+        print(f"executor RSS before and after {n:,} jobs (2 executors):")
+        self.set_workers(2)
+        self.drain("bench_drain", 1000)  # warm: plans, caches
+        pids = self.executor_pids()
+        before = sum(rss_kb(p) for p in pids)
+        left = n
+        while left > 0:  # in chunks, so that queue.jobs stays small
+            chunk = min(left, 200_000)
+            self.drain("bench_drain", chunk)
+            self.sql("TRUNCATE queue.history")
+            left -= chunk
+        assert self.executor_pids() == pids, "executors restarted during the run"
+        after = sum(rss_kb(p) for p in pids)
+        self.floors["RSS before"] = before
+        self.record("executors' private RSS before", before, "kB")
+        self.record(f"executors' private RSS after {n:,} jobs", after, "kB", "RSS before")
+
+    # -- report ------------------------------------------------------------------------
+    def report(self):
+        mode = "fast (synchronous_commit = off)" if self.args.fast else "durable"
+        kind = "smoke" if self.args.smoke else "full"
+        lines = [f"# pg_queue benchmark — {mode}, {kind}", "",
+                 f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
+                 f"- machine: {os.cpu_count()} cores, {machine()}",
+                 f"- postgres: {self.one('SELECT version()')}",
+                 "- settings: " + ", ".join(f"{k}={v}" for k, v in self.settings.items()
+                                            if not k.startswith(("unix", "port"))),
+                 "", "| measure | value | unit | ratio | to |", "| --- | ---: | --- | ---: | --- |"]
+        for what, value, unit, floor in self.rows:
+            ratio = f"{value / self.floors[floor]:.2f}x" if floor in self.floors else ""
+            lines.append(f"| {what} | {value:,.1f} | {unit} | {ratio} | {floor if ratio else ''} |")
+        text = "\n".join(lines) + "\n"
+        os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+        name = f"{datetime.date.today()}-{'fast' if self.args.fast else 'durable'}-{kind}.md"
+        path = os.path.join(HERE, "results", name)
+        with open(path, "w") as f:
+            f.write(text)
+        print(f"\nwritten to {path}")
+
+    def run(self):
+        self.cluster.start()
+        try:
+            self.sql("CREATE EXTENSION pg_queue")
+            self.sql(NOOP_HANDLER)
+            print("settings: " + ", ".join(f"{k}={v}" for k, v in self.settings.items()))
+            self.floors_run()
+            self.enqueue_run()
+            self.drain_run()
+            self.latency_run()
+            self.history_run()
+            self.rss_run()
+            self.report()
+        finally:
+            self.cluster.destroy()
+
+
+def rss_kb(pid):
+    """Private memory of a process (RssAnon): VmRSS also counts the shared buffers it
+    touched, which grows with the data, not with leaks."""
+    with open(f"/proc/{pid}/status") as f:
+        return int(re.search(r"RssAnon:\s+(\d+) kB", f.read()).group(1))
+
+
+def machine():
+    with open("/proc/cpuinfo") as f:
+        m = re.search(r"model name\s*:\s*(.*)", f.read())
+    return m.group(1) if m else "unknown cpu"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--fast", action="store_true", help="synchronous_commit = off")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes: checks the benchmark runs")
+    Bench(p.parse_args()).run()
+
+
+if __name__ == "__main__":
+    main()
