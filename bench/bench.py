@@ -32,30 +32,37 @@ SIZES = {
                   history=20_000, rss=5_000, enqueue_secs=1, many_calls=2),
 }
 
-# Equivalent of queue.jobs / queue.history for the floors: the same columns that matter,
-# the same partial claim index, no extension code.
+# The floors run on tables shaped exactly like queue.jobs and queue.history (same columns,
+# CHECK constraints and indexes, partial claim index included; history unpartitioned),
+# with ids from the same UUIDv7 function: what a hand-written worker on pg_queue's table
+# design costs, without pg_queue's functions, executors or batching logic.
 FLOOR_SCHEMA = """
-CREATE TABLE floor_jobs (
-    id bigserial PRIMARY KEY, queue text NOT NULL DEFAULT 'floor', state text NOT NULL DEFAULT 'queued',
-    payload jsonb NOT NULL DEFAULT '{}', priority int NOT NULL DEFAULT 0,
-    run_at timestamptz NOT NULL DEFAULT now(), attempts int NOT NULL DEFAULT 0,
-    lease_token uuid) WITH (fillfactor = 80);
-CREATE INDEX ON floor_jobs (queue, priority, run_at, id) WHERE state = 'queued';
-CREATE INDEX ON floor_jobs (queue) WHERE state = 'running';
-CREATE TABLE floor_history (LIKE floor_jobs, finished_at timestamptz);
+CREATE TABLE floor_jobs (LIKE queue.jobs INCLUDING ALL);
+CREATE TABLE floor_history (LIKE queue.history INCLUDING ALL);
 """
 
-# n jobs per transaction: claim them (running, attempt counted), then complete them (moved
-# to history), as an external worker does; another client's claimed rows are not yet
-# visible as running, so each client completes its own.
+FLOOR_INSERT = """INSERT INTO floor_jobs (id, queue, state, payload, priority, run_at, max_attempts, created_at)
+VALUES (queue.uuid_generate_v7(), 'floor', 'queued', '{"i": 1}', 0, now(), 5, now());"""
+
+FLOOR_FILL = """INSERT INTO floor_jobs (id, queue, state, payload, priority, run_at, max_attempts, created_at)
+SELECT queue.uuid_generate_v7(), 'floor', 'queued', jsonb_build_object('i', i), 0, now(), 5, now()
+  FROM generate_series(1, %s) i"""
+
+# n jobs per transaction: claim them (running, attempt counted, owner token), then
+# complete them (moved to history), as an external worker does; another client's claimed
+# rows are not yet visible as running, so each client completes its own.
 FLOOR_CLAIM_COMPLETE = """
 BEGIN;
 WITH c AS (SELECT id FROM floor_jobs WHERE queue = 'floor' AND state = 'queued' AND run_at <= now()
             ORDER BY priority, run_at, id LIMIT {n} FOR UPDATE SKIP LOCKED)
-UPDATE floor_jobs j SET state = 'running', attempts = j.attempts + 1, lease_token = gen_random_uuid()
-  FROM c WHERE j.id = c.id;
+UPDATE floor_jobs j SET state = 'running', attempts = j.attempts + 1, started_at = now(),
+       lease_token = gen_random_uuid()
+ WHERE j.id = ANY(ARRAY(SELECT id FROM c));
 WITH d AS (DELETE FROM floor_jobs WHERE queue = 'floor' AND state = 'running' RETURNING *)
-INSERT INTO floor_history SELECT *, now() FROM d;
+INSERT INTO floor_history (id, queue, state, payload, priority, run_at, attempts, max_attempts,
+                           timeout, created_at, started_at, finished_at, errors)
+SELECT id, queue, 'succeeded', payload, priority, run_at, attempts, max_attempts, timeout,
+       created_at, started_at, now(), errors FROM d;
 COMMIT;
 """
 
@@ -139,13 +146,11 @@ class Bench:
         self.sql(FLOOR_SCHEMA)
         for c in (1, 2, 4):
             self.floor(f"INSERT floor, {c} client(s)",
-                       self.pgbench("INSERT INTO floor_jobs (payload) VALUES ('{}');", c,
-                                    seconds=self.size["enqueue_secs"]))
+                       self.pgbench(FLOOR_INSERT, c, seconds=self.size["enqueue_secs"]))
         for n, total in ((1, self.size["floor_single"]), (64, self.size["floor_batch"])):
             for c in (1, 2, 4):
                 self.sql("TRUNCATE floor_jobs, floor_history")
-                self.sql(f"INSERT INTO floor_jobs (payload) SELECT jsonb_build_object('i', i) "
-                         f"FROM generate_series(1, {total + 64 * c}) i")
+                self.sql(FLOOR_FILL % (total + 64 * c))
                 self.sql("VACUUM ANALYZE floor_jobs")
                 tps = self.pgbench(FLOOR_CLAIM_COMPLETE.format(n=n), c,
                                    transactions=max(1, total // n // c))
@@ -162,13 +167,17 @@ class Bench:
             self.record(f"enqueue, {c} client(s)", tps, "jobs/s", f"INSERT floor, {c} client(s)")
         calls = self.size["many_calls"]
         with self.cluster.connect() as db:
+            wal = db.execute("SELECT pg_current_wal_insert_lsn()").fetchone()[0]
             start = time.monotonic()
             for _ in range(calls):
                 db.execute("SELECT count(*) FROM queue.enqueue_many('bench_enqueue', "
                            "array_fill('{\"i\": 1}'::jsonb, ARRAY[10000]))")
             took = time.monotonic() - start
+            wal_per_job = db.execute("SELECT (pg_current_wal_insert_lsn() - %s::pg_lsn) / %s",
+                                     (wal, calls * 10_000)).fetchone()[0]
         self.record("enqueue_many (10k per call), 1 client", calls * 10_000 / took, "jobs/s",
                     "INSERT floor, 1 client(s)")
+        self.record("  WAL written per job by enqueue_many", float(wal_per_job), "bytes")
         self.sql("SELECT queue.drop_queue('bench_enqueue', force => true)")
         self.sql("TRUNCATE queue.history")
 
@@ -179,6 +188,7 @@ class Bench:
         self.sql("SELECT count(*) FROM queue.enqueue_many(%s, array_fill('{}'::jsonb, ARRAY[%s]))",
                  (queue, n))
         self.sql("VACUUM ANALYZE queue.jobs")
+        wal = self.one("SELECT pg_current_wal_insert_lsn()")
         self.sql("SELECT queue.resume(%s)", (queue,))
         deadline = time.monotonic() + 600
         while self.one("SELECT count(*) FROM queue.jobs WHERE queue = %s", (queue,)):
@@ -189,6 +199,8 @@ class Bench:
             "SELECT extract(epoch FROM max(finished_at) - min(started_at)), count(*) "
             "FILTER (WHERE state = 'succeeded') FROM queue.history WHERE queue = %s "
             "AND finished_at >= now() - interval '1 hour'", (queue,))[0]
+        self.wal_per_job = float(self.one("SELECT (pg_current_wal_insert_lsn() - %s::pg_lsn) / %s",
+                                          (wal, n)))
         return done / float(span)
 
     def drain_run(self):
@@ -202,6 +214,7 @@ class Bench:
             self.drain_rates[w] = rate
             self.record(f"drain {self.size['drain']:,} jobs, {w} executor(s)", rate, "jobs/s",
                         f"claim+complete 64/tx floor, {min(w, 4)} client(s)")
+            self.record("  WAL written per job", self.wal_per_job, "bytes")
 
     def latency_run(self):
         print("pg_queue idle pickup (enqueue commit to handler start):")

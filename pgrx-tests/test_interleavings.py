@@ -152,12 +152,27 @@ def test_reap_never_takes_a_live_executors_job(db, name):
     for _ in range(10):
         scalar(db, "SELECT queue.reap()")
         assert job_row(db, job)[:2] == ("running", 1)
-    # The executor holds the row for its whole batch: nothing can move it meanwhile.
-    with pytest.raises(psycopg.errors.LockNotAvailable):
-        with db.transaction():
-            db.execute("SELECT 1 FROM queue.jobs WHERE id = %s FOR UPDATE NOWAIT", (job,))
     assert scalar(db, "SELECT lease_token FROM queue.jobs WHERE id = %s", (job,)) == token
     wait_for(lambda: scalar(db, "SELECT state = 'succeeded' FROM queue.history WHERE id = %s",
                             (job,)), timeout=30, what="the job succeeded")
     assert job_row(db, job)[:2] == ("succeeded", 1)
     assert scalar(db, f"SELECT count(*) FROM {name}") == 1
+
+
+def test_forced_drop_during_a_handler_never_leaves_effects_of_a_cancelled_job(db, name):
+    """drop_queue(force) takes a running job from its executor. The executor's record then
+    moves fewer jobs than it ran and rolls the whole batch back: the job ends cancelled
+    without effects (never cancelled with its handler's writes committed)."""
+    db.execute(f"CREATE TABLE {name} (job uuid)")
+    db.execute(f"""CREATE PROCEDURE {name}_h(payload jsonb) LANGUAGE plpgsql AS $$ BEGIN
+                     INSERT INTO public.{name} SELECT id FROM queue.current_job(); PERFORM pg_sleep(1);
+                   END $$""")
+    db.execute("SELECT queue.create_queue(%s, %s)", (name, f"{name}_h(jsonb)"))
+    job = scalar(db, "SELECT queue.enqueue(%s)", (name,))
+    wait_for(lambda: scalar(db, "SELECT state = 'running' FROM queue.jobs WHERE id = %s", (job,)),
+             timeout=30, interval=0.005, what="the job running")
+    db.execute("SELECT queue.drop_queue(%s, force => true)", (name,))
+    wait_for(lambda: scalar(db, "SELECT count(*) = 0 FROM pg_stat_activity WHERE query LIKE %s",
+                            (f"pg_queue: queue {name} job%",)),
+             timeout=30, what="the handler finished")
+    assert (job_row(db, job)[0], scalar(db, f"SELECT count(*) FROM {name}")) == ("cancelled", 0)

@@ -31,6 +31,7 @@ CREATE TABLE queue.schedule_defs (
     CONSTRAINT schedule_defs_window_positive CHECK (catch_up_window > interval '0')
 );
 CREATE INDEX schedule_defs_next_idx ON queue.schedule_defs (next_run_at) WHERE enabled;
+SELECT pg_catalog.pg_extension_config_dump('queue.schedule_defs', '');
 
 -- One row per (schedule, plan time) handled: its job, or NULL when skipped (overlap).
 -- The primary key makes firing a plan twice impossible, whatever crashed or restarted.

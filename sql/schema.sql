@@ -153,6 +153,12 @@ BEGIN
         EXECUTE format(
             'CREATE TABLE queue.%I PARTITION OF queue.history FOR VALUES FROM (%L) TO (%L)',
             part, day::timestamp AT TIME ZONE 'UTC', (day + 1)::timestamp AT TIME ZONE 'UTC');
+        -- A member of the extension like those CREATE EXTENSION made, so that pg_dump
+        -- leaves it to CREATE EXTENSION on restore rather than dumping it as a user table.
+        IF NOT EXISTS (SELECT 1 FROM pg_depend WHERE classid = 'pg_class'::regclass
+                          AND objid = format('queue.%I', part)::regclass AND deptype = 'e') THEN
+            EXECUTE format('ALTER EXTENSION pg_queue ADD TABLE queue.%I', part);
+        END IF;
         made := made + 1;
     END LOOP;
     RETURN made;
@@ -162,3 +168,8 @@ COMMENT ON FUNCTION queue.create_history_partitions(integer) IS
     'Creates the daily history partitions from today to days_ahead days ahead; returns how many it made.';
 
 SELECT queue.create_history_partitions();
+
+-- pg_dump keeps queue definitions and live jobs (the extension's own rows would otherwise
+-- be left out of a dump). History is not dumped: it is a log, kept by retention.
+SELECT pg_catalog.pg_extension_config_dump('queue.queues', '');
+SELECT pg_catalog.pg_extension_config_dump('queue.jobs', '');

@@ -215,16 +215,11 @@ fn run_batch(
     let started = Instant::now();
     let mut outcomes = Vec::with_capacity(claimed.len());
     if !claimed.is_empty() {
-        let owned = lock_owned(client, &claimed)?;
         // Stop starting handlers once asked to shut down or once the batch ran long enough.
         while !super::shutdown_requested() {
             let Some(job) = claimed.pop_front() else {
                 break;
             };
-            if !owned.contains(&job.id) {
-                // Reaped or cancelled meanwhile: not ours to run any more.
-                continue;
-            }
             outcomes.push(run_job(&job, slot));
             if started.elapsed() >= gucs::batch_time() {
                 break;
@@ -232,18 +227,13 @@ fn run_batch(
         }
         if super::shutdown_requested() {
             // Stopping: jobs claimed but not started go back to queued, attempt not counted.
-            outcomes.extend(
-                claimed
-                    .drain(..)
-                    .filter(|j| owned.contains(&j.id))
-                    .map(|j| Outcome {
-                        id: j.id,
-                        lease_token: j.lease_token,
-                        state: crate::state::JobState::Queued,
-                        result: None,
-                        error: None,
-                    }),
-            );
+            outcomes.extend(claimed.drain(..).map(|j| Outcome {
+                id: j.id,
+                lease_token: j.lease_token,
+                state: crate::state::JobState::Queued,
+                result: None,
+                error: None,
+            }));
         }
         record(client, &outcomes)?;
     }
@@ -263,34 +253,6 @@ fn run_batch(
         }
     }
     Ok(report)
-}
-
-/// Locks the claimed jobs we still own, so nothing else (reaper, forced drop) moves them
-/// while their handlers run. Returns their ids.
-fn lock_owned(
-    client: &mut SpiClient<'_>,
-    claimed: &VecDeque<Claimed>,
-) -> Result<Vec<pgrx::Uuid>, SqlError> {
-    let ids: Vec<pgrx::Uuid> = claimed.iter().map(|c| c.id).collect();
-    let tokens: Vec<pgrx::Uuid> = claimed.iter().map(|c| c.lease_token).collect();
-    // By primary key (= ANY), then the token check: a job reaped and claimed again by
-    // another executor carries another token and is not ours.
-    let plan = kept(
-        client,
-        "SELECT j.id FROM queue.jobs j
-          WHERE j.id = ANY($1::uuid[]) AND j.state = 'running'
-            AND j.lease_token = ($2::uuid[])[array_position($1::uuid[], j.id)]
-          FOR NO KEY UPDATE",
-        &[BuiltIn(UUIDARRAYOID), BuiltIn(UUIDARRAYOID)],
-    )?;
-    let rows = client.update(&*plan, None, &[ids.into(), tokens.into()])?;
-    let mut owned = Vec::with_capacity(rows.len());
-    for row in rows {
-        if let Some(id) = row.get::<pgrx::Uuid>(1)? {
-            owned.push(id);
-        }
-    }
-    Ok(owned)
 }
 
 /// Runs one job's handler in a subtransaction and says what became of it.
@@ -436,8 +398,11 @@ fn error_json(e: &SqlError, attempt: i32) -> String {
 /// Records the outcomes of a batch in one statement, fenced on each job's lease token:
 /// succeeded, failed and cancelled jobs move to history; retries go back to queued with
 /// backoff; a job released unstarted (state queued, no error) goes back with its attempt
-/// uncounted. `j.id = ANY($1)` beside the join makes the planner fetch the batch's rows by
-/// primary key rather than hash the whole jobs table.
+/// uncounted. Returns how many jobs it moved: fewer than the outcomes means a job was taken
+/// from us while its handler ran (only `drop_queue(force => true)` does that: the reaper
+/// never takes a registered executor's jobs), and the batch must not commit. `j.id =
+/// ANY($1)` beside the join makes the planner fetch the batch's rows by primary key rather
+/// than hash the whole jobs table.
 const RECORD_SQL: &str = "
 WITH o AS (
     SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[]::queue.job_state[], $4::text[]::jsonb[],
@@ -456,19 +421,24 @@ WITH o AS (
       FROM o
      WHERE j.id = ANY($1::uuid[])
        AND o.state = 'queued' AND j.id = o.id AND j.state = 'running' AND j.lease_token = o.token
+    RETURNING 1
 ), finished AS (
     DELETE FROM queue.jobs j USING o
      WHERE j.id = ANY($1::uuid[])
        AND o.state <> 'queued' AND j.id = o.id AND j.state = 'running' AND j.lease_token = o.token
     RETURNING j.*, o.state AS new_state, o.result AS new_result, o.error AS new_error
+), moved AS (
+    INSERT INTO queue.history (id, queue, state, payload, priority, run_at, attempts, max_attempts,
+                               timeout, created_at, started_at, finished_at, worker_pid, result,
+                               errors)
+    SELECT id, queue, new_state, payload, priority, run_at, attempts, max_attempts, timeout,
+           created_at, started_at, clock_timestamp(), worker_pid, new_result,
+           CASE WHEN new_error IS NULL THEN errors
+                ELSE errors || (new_error || jsonb_build_object('at', clock_timestamp())) END
+      FROM finished
+    RETURNING 1
 )
-INSERT INTO queue.history (id, queue, state, payload, priority, run_at, attempts, max_attempts,
-                           timeout, created_at, started_at, finished_at, worker_pid, result, errors)
-SELECT id, queue, new_state, payload, priority, run_at, attempts, max_attempts, timeout,
-       created_at, started_at, clock_timestamp(), worker_pid, new_result,
-       CASE WHEN new_error IS NULL THEN errors
-            ELSE errors || (new_error || jsonb_build_object('at', clock_timestamp())) END
-  FROM finished";
+SELECT (SELECT count(*) FROM retried) + (SELECT count(*) FROM moved)";
 
 fn record(client: &mut SpiClient<'_>, outcomes: &[Outcome]) -> Result<(), SqlError> {
     if outcomes.is_empty() {
@@ -490,17 +460,30 @@ fn record(client: &mut SpiClient<'_>, outcomes: &[Outcome]) -> Result<(), SqlErr
             BuiltIn(TEXTARRAYOID),
         ],
     )?;
-    client.update(
-        &*plan,
-        None,
-        &[
-            ids.into(),
-            tokens.into(),
-            states.into(),
-            results.into(),
-            errors.into(),
-        ],
-    )?;
+    let moved = client
+        .update(
+            &*plan,
+            None,
+            &[
+                ids.into(),
+                tokens.into(),
+                states.into(),
+                results.into(),
+                errors.into(),
+            ],
+        )?
+        .first()
+        .get_one::<i64>()?
+        .unwrap_or(0);
+    if moved != outcomes.len() as i64 {
+        // An ERROR aborts the batch: no handler's writes commit without their job's outcome.
+        return Err(SqlError::internal(format!(
+            "{} of the batch's {} jobs were moved by another session while their handlers ran; \
+             rolling the batch back",
+            outcomes.len() as i64 - moved,
+            outcomes.len()
+        )));
+    }
     Ok(())
 }
 

@@ -102,8 +102,14 @@ pub fn run_pass() -> Result<Report, SqlError> {
     for part in parts {
         // format('%I'): the name comes from the catalog, quoted all the same.
         let dropped = in_tx(|| {
+            // Partitions are members of the extension (see create_history_partitions).
             Spi::get_one_with_args::<String>(
-                "SELECT format('DROP TABLE queue.%I', $1::text)",
+                "SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_depend WHERE classid = 'pg_class'::regclass
+                                             AND objid = format('queue.%I', $1::text)::regclass
+                                             AND deptype = 'e')
+                             THEN format('ALTER EXTENSION pg_queue DROP TABLE queue.%I; ', $1::text)
+                             ELSE '' END
+                        || format('DROP TABLE queue.%I', $1::text)",
                 &[part.as_str().into()],
             )?
             .map(|sql| Spi::run(&sql))
