@@ -24,12 +24,13 @@ sys.path.insert(0, os.path.join(HERE, "..", "pgrx-tests"))
 from cluster import Cluster, PG_BIN  # noqa: E402
 
 SIZES = {
-    # name: (floor jobs per client count, drain jobs, latency jobs, history rows, rss jobs,
-    #        enqueue seconds, enqueue_many calls)
-    "full": dict(floor_single=20_000, floor_batch=200_000, drain=50_000, latency=500,
-                 history=5_000_000, rss=1_000_000, enqueue_secs=5, many_calls=10),
+    # jobs per floor run (1 and 64 per transaction), jobs per drain, pickups timed, history
+    # rows, jobs between the RSS readings, seconds per enqueue run, enqueue_many calls, and
+    # rounds of each pg_queue figure beside its floor
+    "full": dict(floor_single=5_000, floor_batch=100_000, drain=50_000, latency=500,
+                 history=5_000_000, rss=1_000_000, enqueue_secs=4, many_calls=10, rounds=3),
     "smoke": dict(floor_single=500, floor_batch=2_000, drain=2_000, latency=20,
-                  history=20_000, rss=5_000, enqueue_secs=1, many_calls=2),
+                  history=20_000, rss=5_000, enqueue_secs=1, many_calls=2, rounds=1),
 }
 
 # The floors run on tables shaped exactly like queue.jobs and queue.history (same columns,
@@ -140,31 +141,36 @@ class Bench:
     def executor_pids(self):
         return [r[0] for r in self.sql("SELECT pid FROM queue.executors() ORDER BY slot")]
 
-    # -- floors ------------------------------------------------------------------------
-    def floors_run(self):
-        print("floors (pgbench, same table shape, no extension code):")
-        self.sql(FLOOR_SCHEMA)
-        for c in (1, 2, 4):
-            self.floor(f"INSERT floor, {c} client(s)",
-                       self.pgbench(FLOOR_INSERT, c, seconds=self.size["enqueue_secs"]))
-        for n, total in ((1, self.size["floor_single"]), (64, self.size["floor_batch"])):
-            for c in (1, 2, 4):
-                self.sql("TRUNCATE floor_jobs, floor_history")
-                self.sql(FLOOR_FILL % (total + 64 * c))
-                self.sql("VACUUM ANALYZE floor_jobs")
-                tps = self.pgbench(FLOOR_CLAIM_COMPLETE.format(n=n), c,
-                                   transactions=max(1, total // n // c))
-                self.floor(f"claim+complete {n}/tx floor, {c} client(s)", tps * n)
-        self.sql("DROP TABLE floor_jobs, floor_history")
+    # -- floors and their pg_queue counterparts, measured in alternation ---------------
+    # On noisy machines the speed of the disk and CPUs drifts within minutes, so each
+    # pg_queue figure is measured in rounds alternating with its floor, and the medians are
+    # compared.
+    def paired(self, what, unit, floor_name, floor_fn, fn):
+        floors, values = [], []
+        for _ in range(self.size["rounds"]):
+            floors.append(floor_fn())
+            values.append(fn())
+        self.floor(floor_name, statistics.median(floors))
+        self.record(what, statistics.median(values), unit, floor_name)
 
-    # -- pg_queue ----------------------------------------------------------------------
+    def floor_claim_complete(self, n, clients, total):
+        self.sql("TRUNCATE floor_jobs, floor_history")
+        self.sql(FLOOR_FILL % (total + 64 * clients))
+        self.sql("VACUUM ANALYZE floor_jobs")
+        tps = self.pgbench(FLOOR_CLAIM_COMPLETE.format(n=n), clients,
+                           transactions=max(1, total // n // clients))
+        return tps * n
+
     def enqueue_run(self):
-        print("pg_queue enqueue:")
+        print("enqueue, each beside its floor (pgbench INSERT into a table shaped like queue.jobs):")
+        self.sql(FLOOR_SCHEMA)
         self.sql("SELECT queue.create_queue('bench_enqueue', 'bench_noop(jsonb)', paused => true)")
+        secs = self.size["enqueue_secs"]
         for c in (1, 2, 4):
-            tps = self.pgbench("SELECT queue.enqueue('bench_enqueue', '{\"i\": 1}');", c,
-                               seconds=self.size["enqueue_secs"])
-            self.record(f"enqueue, {c} client(s)", tps, "jobs/s", f"INSERT floor, {c} client(s)")
+            self.paired(f"enqueue, {c} client(s)", "jobs/s", f"INSERT floor, {c} client(s)",
+                        lambda: self.pgbench(FLOOR_INSERT, c, seconds=secs),
+                        lambda: self.pgbench("SELECT queue.enqueue('bench_enqueue', '{\"i\": 1}');",
+                                             c, seconds=secs))
         calls = self.size["many_calls"]
         with self.cluster.connect() as db:
             wal = db.execute("SELECT pg_current_wal_insert_lsn()").fetchone()[0]
@@ -179,7 +185,7 @@ class Bench:
                     "INSERT floor, 1 client(s)")
         self.record("  WAL written per job by enqueue_many", float(wal_per_job), "bytes")
         self.sql("SELECT queue.drop_queue('bench_enqueue', force => true)")
-        self.sql("TRUNCATE queue.history")
+        self.sql("TRUNCATE queue.history, floor_jobs")
 
     def drain(self, queue, n):
         """Enqueues n jobs on the paused queue, resumes it, and returns jobs/s from the
@@ -204,17 +210,31 @@ class Bench:
         return done / float(span)
 
     def drain_run(self):
-        print("pg_queue drain (no-op SQL handler):")
+        print("drain of no-op SQL-handler jobs, each beside its floor (pgbench claim+complete "
+              "of 64 jobs per transaction):")
         self.sql("SELECT queue.create_queue('bench_drain', 'bench_noop(jsonb)', concurrency => 10000)")
+        self.drain_rates = {}
         for w in (1, 2, 4):
             self.set_workers(w)
-            rate = self.drain("bench_drain", self.size["drain"])
-            self.sql("TRUNCATE queue.history")
-            self.drain_rates = getattr(self, "drain_rates", {})
-            self.drain_rates[w] = rate
-            self.record(f"drain {self.size['drain']:,} jobs, {w} executor(s)", rate, "jobs/s",
-                        f"claim+complete 64/tx floor, {min(w, 4)} client(s)")
-            self.record("  WAL written per job", self.wal_per_job, "bytes")
+            rates, wal = [], []
+
+            def drain_once():
+                rate = self.drain("bench_drain", self.size["drain"])
+                self.sql("TRUNCATE queue.history")
+                rates.append(rate)
+                wal.append(self.wal_per_job)
+                return rate
+            self.paired(f"drain {self.size['drain']:,} jobs, {w} executor(s)", "jobs/s",
+                        f"claim+complete 64/tx floor, {w} client(s)",
+                        lambda: self.floor_claim_complete(64, w, self.size["floor_batch"]),
+                        drain_once)
+            self.drain_rates[w] = statistics.median(rates)
+            self.record("  WAL written per job", statistics.median(wal), "bytes")
+        print("one job per transaction (external workers without batching), for the record:")
+        for c in (1, 2, 4):
+            self.floor(f"claim+complete 1/tx floor, {c} client(s)",
+                       self.floor_claim_complete(1, c, self.size["floor_single"]))
+        self.sql("DROP TABLE floor_jobs, floor_history")
 
     def latency_run(self):
         print("pg_queue idle pickup (enqueue commit to handler start):")
@@ -302,7 +322,6 @@ class Bench:
             self.sql("CREATE EXTENSION pg_queue")
             self.sql(NOOP_HANDLER)
             print("settings: " + ", ".join(f"{k}={v}" for k, v in self.settings.items()))
-            self.floors_run()
             self.enqueue_run()
             self.drain_run()
             self.latency_run()
