@@ -59,6 +59,13 @@ class Consumer:
         self.proc.wait(5)
 
 
+def assert_completed_once(consumers, n):
+    """The consumers' output says `n` distinct jobs were completed, each exactly once."""
+    completed = collections.Counter(line[1] for c in consumers for line in c.lines
+                                    if line[0] == "completed")
+    assert len(completed) == n and set(completed.values()) == {1}
+
+
 def create_notify_queue(db, name, **settings):
     args = "".join(f", {k} => %s" for k in settings)
     db.execute(f"SELECT queue.create_queue(%s, notify => true{args})", (name, *settings.values()))
@@ -83,9 +90,7 @@ def test_four_consumers_drain_2000_jobs_exactly_once(cluster, db, name):
         codes = [c.stop() for c in consumers]
     assert states == {"succeeded": 2000}
     assert codes == [0, 0, 0, 0]
-    completed = collections.Counter(line[1] for c in consumers for line in c.lines
-                                    if line[0] == "completed")
-    assert len(completed) == 2000 and set(completed.values()) == {1}
+    assert_completed_once(consumers, 2000)
     assert not [line for c in consumers for line in c.lines if line[0] != "completed"]
     # Each job succeeded on its first attempt, completed by the consumer that claimed it.
     assert scalar(db, "SELECT count(*) FROM queue.history WHERE queue = %s AND attempts = 1 "
@@ -219,9 +224,7 @@ def test_rust_consumers_drain_jobs_and_survive_a_kill(cluster, db, name, rust_co
     assert codes == [0, 0]
     # The 5 jobs asked to fail used their 5 attempts; every other job succeeded once.
     assert states == {"succeeded": 496, "failed": 5}
-    completed = collections.Counter(line[1] for c in consumers for line in c.lines
-                                    if line[0] == "completed")
-    assert len(completed) == 496 and set(completed.values()) == {1}
+    assert_completed_once(consumers, 496)
     assert job_row_of(db, job) == ("succeeded", 2, f"lease expired (consumer {name}-doomed)")
 
 

@@ -20,6 +20,18 @@ def runs(db, schedule):
                       "ORDER BY plan_at", (schedule,)).fetchall()
 
 
+def most_live_jobs(db, name, seconds):
+    """Samples the queue's live jobs for `seconds`, then disables its schedule; returns the
+    most seen at once."""
+    most = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        most = max(most, scalar(db, "SELECT count(*) FROM queue.jobs WHERE queue = %s", (name,)))
+        time.sleep(0.02)
+    db.execute("SELECT queue.alter_schedule(%s, enabled => false)", (name,))
+    return most
+
+
 def test_every_second_fires_once_per_plan_and_the_jobs_run(db, name):
     handler_queue(db, name)
     db.execute("SELECT queue.schedule(%s, '@every 1s', %s, '{\"from\": \"cron\"}')", (name, name))
@@ -47,12 +59,7 @@ def test_every_second_fires_once_per_plan_and_the_jobs_run(db, name):
 def test_overlap_skip_never_has_two_live_jobs(db, name):
     handler_queue(db, name, body="PERFORM pg_sleep(2.2);")
     db.execute("SELECT queue.schedule(%s, '@every 1s', %s, overlap => 'skip')", (name, name))
-    most_live = 0
-    deadline = time.monotonic() + 7
-    while time.monotonic() < deadline:
-        most_live = max(most_live, scalar(db, "SELECT count(*) FROM queue.jobs WHERE queue = %s", (name,)))
-        time.sleep(0.02)
-    db.execute("SELECT queue.alter_schedule(%s, enabled => false)", (name,))
+    most_live = most_live_jobs(db, name, seconds=7)
     fired = runs(db, name)
     skipped = [r for r in fired if r[1] is None]
     started = [r for r in fired if r[1] is not None]
@@ -66,12 +73,7 @@ def test_overlap_queue_waits_for_the_previous_job(db, name):
     handler_queue(db, name, body="PERFORM pg_sleep(1.5);")
     db.execute("SELECT queue.schedule(%s, '@every 1s', %s, overlap => 'queue', catch_up => 'all')",
                (name, name))
-    most_live = 0
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        most_live = max(most_live, scalar(db, "SELECT count(*) FROM queue.jobs WHERE queue = %s", (name,)))
-        time.sleep(0.02)
-    db.execute("SELECT queue.alter_schedule(%s, enabled => false)", (name,))
+    most_live = most_live_jobs(db, name, seconds=5)
     fired = runs(db, name)
     assert most_live == 1
     assert len(fired) >= 2 and all(r[1] is not None for r in fired), fired

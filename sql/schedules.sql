@@ -121,6 +121,22 @@ $$;
 COMMENT ON FUNCTION queue.schedule(text, text, text, jsonb, text, text, text, interval, integer, integer, interval) IS
     'Creates (or replaces) a cron schedule that enqueues payload on queue at each plan time of cron (5 or 6 fields, @hourly..., @every 10s) in time_zone. overlap: skip | queue | allow while the previous job is live; catch_up: latest | all missed plans within catch_up_window after downtime.';
 
+-- lock_schedule: the schedule's row, locked, after checking the caller may change it.
+CREATE FUNCTION queue.lock_schedule(schedule_name text) RETURNS queue.schedule_defs
+LANGUAGE plpgsql AS $$
+DECLARE
+    s queue.schedule_defs;
+BEGIN
+    SELECT * INTO s FROM queue.schedule_defs x WHERE x.name = schedule_name FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'schedule "%" does not exist', schedule_name USING ERRCODE = 'undefined_object';
+    ELSIF NOT pg_has_role(current_user, s.owner, 'USAGE') THEN
+        RAISE EXCEPTION 'must be owner of schedule "%"', schedule_name USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    RETURN s;
+END
+$$;
+
 CREATE FUNCTION queue.alter_schedule(
     name            text,
     cron            text     DEFAULT NULL,
@@ -133,14 +149,8 @@ CREATE FUNCTION queue.alter_schedule(
     enabled         boolean  DEFAULT NULL)
 RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
-    s queue.schedule_defs;
+    s queue.schedule_defs := queue.lock_schedule(name);
 BEGIN
-    SELECT * INTO s FROM queue.schedule_defs x WHERE x.name = alter_schedule.name FOR UPDATE;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'schedule "%" does not exist', name USING ERRCODE = 'undefined_object';
-    ELSIF NOT pg_has_role(current_user, s.owner, 'USAGE') THEN
-        RAISE EXCEPTION 'must be owner of schedule "%"', name USING ERRCODE = 'insufficient_privilege';
-    END IF;
     -- Re-enabled: plans of the disabled time are not caught up.
     IF enabled AND NOT s.enabled THEN
         s.last_plan_at := greatest(s.last_plan_at, now());
@@ -167,14 +177,8 @@ COMMENT ON FUNCTION queue.alter_schedule(text, text, jsonb, text, text, text, in
 
 CREATE FUNCTION queue.unschedule(name text) RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
-    s queue.schedule_defs;
+    s queue.schedule_defs := queue.lock_schedule(name);
 BEGIN
-    SELECT * INTO s FROM queue.schedule_defs x WHERE x.name = unschedule.name FOR UPDATE;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'schedule "%" does not exist', name USING ERRCODE = 'undefined_object';
-    ELSIF NOT pg_has_role(current_user, s.owner, 'USAGE') THEN
-        RAISE EXCEPTION 'must be owner of schedule "%"', name USING ERRCODE = 'insufficient_privilege';
-    END IF;
     DELETE FROM queue.schedule_defs x WHERE x.name = s.name;
     DELETE FROM queue.schedule_runs r WHERE r.schedule = s.name;
 END
