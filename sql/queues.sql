@@ -218,6 +218,16 @@ BEGIN
             USING ERRCODE = 'object_in_use',
                   HINT = 'Wait for them to finish, or use drop_queue(name, force => true) to cancel them.';
     END IF;
+    IF EXISTS (SELECT 1 FROM queue.schedule_defs s WHERE s.queue = q.name) THEN
+        IF NOT coalesce(force, false) THEN
+            RAISE EXCEPTION 'queue "%" has schedules', name
+                USING ERRCODE = 'object_in_use',
+                      HINT = 'Unschedule them first, or use drop_queue(name, force => true) to remove them too.';
+        END IF;
+        DELETE FROM queue.schedule_runs r USING queue.schedule_defs s
+         WHERE r.schedule = s.name AND s.queue = q.name;
+        DELETE FROM queue.schedule_defs s WHERE s.queue = q.name;
+    END IF;
     WITH d AS (DELETE FROM queue.jobs WHERE jobs.queue = q.name RETURNING *)
     INSERT INTO queue.history (id, queue, state, payload, priority, run_at, attempts, max_attempts,
                                timeout, created_at, started_at, finished_at, worker_pid, consumer, errors)
@@ -230,7 +240,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION queue.drop_queue(text, boolean) IS
-    'Drops a queue. Refuses while it has live jobs unless force => true, which cancels them (kept in history).';
+    'Drops a queue. Refuses while it has live jobs or schedules unless force => true, which cancels the jobs (kept in history) and removes the schedules.';
 
 CREATE FUNCTION queue.pause(queue text) RETURNS void LANGUAGE plpgsql AS $$
 BEGIN

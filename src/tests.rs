@@ -788,6 +788,14 @@ mod tests {
         );
         Spi::run("SELECT queue.unschedule('nightly')").unwrap();
         assert_eq!(count("SELECT count(*) FROM queue.schedules"), 0);
+        // A queue with schedules is not dropped from under them, unless forced.
+        Spi::run("SELECT queue.schedule('again', '@hourly', 'cronq')").unwrap();
+        assert_eq!(
+            sqlstate("SELECT queue.drop_queue('cronq')").as_deref(),
+            Some("55006")
+        );
+        Spi::run("SELECT queue.drop_queue('cronq', force => true)").unwrap();
+        assert_eq!(count("SELECT count(*) FROM queue.schedules"), 0);
     }
 
     #[pg_test]
