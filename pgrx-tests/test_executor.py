@@ -22,8 +22,12 @@ def executor_pids(db):
         "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_queue executor'"))
 
 
-def test_2000_jobs_each_insert_one_row(db, name):
-    make_queue(db, name, f"INSERT INTO {name} (n) VALUES ((payload->>'n')::int);")
+# 10: claims serialised by the queue's claim lock; 10000: beyond what executors can hold,
+# so claims take no lock and executors commit side by side.
+@pytest.mark.parametrize("concurrency", [10, 10000])
+def test_2000_jobs_each_insert_one_row(db, name, concurrency):
+    make_queue(db, name, f"INSERT INTO {name} (n) VALUES ((payload->>'n')::int);",
+               concurrency=concurrency)
     db.execute("SELECT queue.enqueue_many(%s, ARRAY(SELECT jsonb_build_object('n', i) "
                "FROM generate_series(1, 2000) i))", (name,))
     states = wait_terminal(db, name, 2000, timeout=120)
