@@ -49,7 +49,14 @@ BEGIN
     INSERT INTO emails_sent (recipient, attempt) VALUES (payload->>'to', job.attempt);
 END
 $$;
-SELECT queue.create_queue('emails', 'send_email(jsonb)', backoff_base => '100 ms');
+-- concurrency 10000: more than the executors can hold, so claims need no lock.
+SELECT queue.create_queue('emails', 'send_email(jsonb)', backoff_base => '100 ms', concurrency => 10000);
+
+\echo == a cron schedule: a job every second on another queue
+CREATE TABLE ticks (at timestamptz DEFAULT clock_timestamp());
+CREATE PROCEDURE tick(payload jsonb) LANGUAGE sql AS $$ INSERT INTO public.ticks DEFAULT VALUES $$;
+SELECT queue.create_queue('ticks', 'tick(jsonb)');
+SELECT queue.schedule('tick', '@every 1s', 'ticks');
 
 \echo == enqueue: one job, a flaky one, and 10000 in one call
 SELECT queue.enqueue('emails', '{"to": "alice@example.com"}') AS job_id \gset
@@ -76,7 +83,18 @@ SELECT s.state, s.attempts, jsonb_path_query_array(s.errors, '$[*].message') AS 
 SELECT count(*) AS emails_sent, count(DISTINCT recipient) AS distinct_recipients,
        round(count(*) / nullif(extract(epoch FROM max(sent_at) - min(sent_at)), 0)) AS jobs_per_second
   FROM emails_sent;
-\echo == the workers in pg_stat_activity
-SELECT pid, backend_type, state FROM pg_stat_activity WHERE backend_type LIKE 'pg_queue%' ORDER BY 2, 1;
+\echo == the schedule: fired once per second meanwhile
+SELECT name, cron, last_fired_at, last_job_state, next_run_at FROM queue.schedules;
+SELECT count(*) AS plans_fired, count(job) AS jobs, (SELECT count(*) FROM ticks) AS ticks_run
+  FROM queue.schedule_runs;
+\echo == a NOTIFY queue: jobs for an external consumer, claimed and completed over SQL
+SELECT queue.create_queue('webhooks', notify => true);
+SELECT queue.enqueue('webhooks', '{"url": "https://example.com/hook"}') AS hook_id \gset
+SELECT c.attempt, c.lease_expires_at > now() AS leased,
+       queue.complete(c.id, c.lease_token, '{"status": 200}') AS completed
+  FROM queue.claim('webhooks', 'demo-psql', lease => '30 seconds') c;
+SELECT state, consumer, result FROM queue.status(:'hook_id');
+\echo == the workers: in-database executors and external consumers
+SELECT kind, name, pid, jobs FROM queue.workers ORDER BY kind, name;
 SQL
 echo "== done; the cluster is removed"
