@@ -39,13 +39,21 @@ class Consumer:
             [*command, "--dsn", f"{cluster.dsn()} application_name={name}", "--queue", queue,
              "--name", name, *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.lines = []
+        self.lines, self.log = [], []
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
+        threading.Thread(target=self._read_log, daemon=True).start()
 
     def _read(self):
         for line in self.proc.stdout:
             self.lines.append(line.split())
+
+    def _read_log(self):
+        for line in self.proc.stderr:
+            self.log.append(line)
+
+    def working_on(self, job):
+        return any(f"working on {job}" in line for line in self.log)
 
     def stop(self, timeout=15):
         """SIGTERM; returns the exit code (the consumer finishes the job in hand first)."""
@@ -187,10 +195,17 @@ def test_sigterm_finishes_the_job_in_hand(cluster, db, name):
     consumer = Consumer(cluster, name, f"{name}-c")
     wait_listening(db, name, 1)
     job = scalar(db, "SELECT queue.enqueue(%s, '{\"sleep\": 1}')", (name,))
-    wait_for(lambda: scalar(db, "SELECT consumer FROM queue.jobs WHERE id = %s", (job,)),
-             timeout=30, interval=0.005, what="the job claimed")
+    # Started, not just claimed: a claimed job not yet started is given back instead.
+    wait_for(lambda: consumer.working_on(job), timeout=30, interval=0.005, what="the job started")
     assert consumer.stop() == 0
     assert scalar(db, "SELECT state::text FROM queue.history WHERE id = %s", (job,)) == "succeeded"
+
+
+def test_sigterm_stops_an_idle_consumer_without_waiting_for_its_poll(cluster, db, name):
+    create_notify_queue(db, name)
+    consumer = Consumer(cluster, name, f"{name}-c", "--poll", "600")
+    wait_listening(db, name, 1)
+    assert consumer.stop(timeout=15) == 0     # not 600 s
 
 
 def test_workers_view_lists_executors_and_consumers(cluster, db, name):

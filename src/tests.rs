@@ -857,4 +857,28 @@ mod tests {
             3
         );
     }
+
+    #[pg_test]
+    fn stats_view_counts_live_jobs_and_recent_outcomes() {
+        create("st");
+        Spi::run("SELECT queue.enqueue_many('st', array_fill('{}'::jsonb, ARRAY[2]))").unwrap();
+        Spi::run("SELECT queue.enqueue('st', run_at => now() + interval '1 hour')").unwrap();
+        Spi::run(
+            "INSERT INTO queue.history (id, queue, state, payload, priority, run_at, attempts, max_attempts,
+                                        created_at, finished_at, errors)
+             SELECT queue.uuid_generate_v7(), 'st', st, '{}', 0, now(), 1, 1, now() - interval '3 hours', f, '[]'
+               FROM (VALUES ('succeeded'::queue.job_state, now()), ('succeeded', now()),
+                            ('failed', now()), ('succeeded', now() - interval '2 hours')) v(st, f)",
+        )
+        .unwrap();
+        assert_eq!(
+            one::<String>(
+                "SELECT concat_ws(' ', ready, scheduled, running, oldest_ready_age >= '0', succeeded_last_hour,
+                                  failed_last_hour, cancelled_last_hour, finished_per_second_last_minute)
+                   FROM queue.stats WHERE queue = 'st'"
+            )
+            .as_deref(),
+            Some("2 1 0 t 2 1 0 0.1")
+        );
+    }
 }

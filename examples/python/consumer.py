@@ -62,15 +62,22 @@ class Heartbeat(threading.Thread):
             log(f"heartbeats stopped: {e}")
 
 
-class Stopped(Exception):
-    """Raised by SIGTERM/SIGINT while the consumer waits for work."""
-
-
 def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
-def run(args, stopping, waiting):
+def wait_for_work(conn, poll, stopping):
+    """Sleeps until a notification (a job became ready), `poll` seconds (the fallback), or
+    a stop request. Waits in slices of a second: a signal does not interrupt psycopg's
+    wait, so the stop flag is looked at between slices."""
+    deadline = time.monotonic() + poll
+    while not stopping.is_set():
+        left = deadline - time.monotonic()
+        if left <= 0 or any(True for _ in conn.notifies(timeout=min(1.0, left), stop_after=1)):
+            return
+
+
+def run(args, stopping):
     with psycopg.connect(args.dsn, autocommit=True) as conn:
         channel = conn.execute("SELECT queue.channel(%s)", (args.queue,)).fetchone()[0]
         conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
@@ -83,13 +90,7 @@ def run(args, stopping, waiting):
                     "SELECT id, payload, attempt, lease_token FROM queue.claim(%s, %s, %s, %s)",
                     (args.queue, args.name, args.batch, f"{args.lease} seconds")).fetchall()
                 if not jobs:
-                    # Sleep until a notification (a job became ready) or the poll fallback.
-                    waiting.set()
-                    try:
-                        for _ in conn.notifies(timeout=args.poll, stop_after=1):
-                            pass
-                    finally:
-                        waiting.clear()
+                    wait_for_work(conn, args.poll, stopping)
                     continue
                 with beat.lock:
                     beat.jobs.update((job_id, token) for job_id, _, _, token in jobs)
@@ -107,6 +108,7 @@ def run(args, stopping, waiting):
 
 
 def work(conn, beat, job_id, payload, attempt, token):
+    log(f"working on {job_id} (attempt {attempt})")
     try:
         result = handle(payload)
     except Exception as e:  # the handler's failure is the job's, not the consumer's
@@ -130,22 +132,14 @@ def main():
     p.add_argument("--poll", type=float, default=5, help="claim at least this often (seconds)")
     args = p.parse_args()
 
-    stopping, waiting = threading.Event(), threading.Event()
-
-    def on_signal(*_):
-        stopping.set()
-        if waiting.is_set():
-            raise Stopped  # nothing in hand: leave the wait at once
-
+    stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
+        signal.signal(sig, lambda *_: stopping.set())
 
     delay = 0.1
     while not stopping.is_set():
         try:
-            run(args, stopping, waiting)
-        except Stopped:
-            break
+            run(args, stopping)
         except psycopg.OperationalError as e:
             log(f"{args.name}: connection lost ({e}); reconnecting in {delay:.1f}s")
             stopping.wait(delay)
