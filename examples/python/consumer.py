@@ -35,14 +35,13 @@ def handle(payload):
 
 class Heartbeat(threading.Thread):
     """Extends the lease of every job in hand, every third of the lease, on its own
-    connection. A job whose lease is gone (cancelled, or expired and reaped) lands in `lost`:
-    another consumer may have it now."""
+    connection. A job whose lease is gone (cancelled, or expired and reaped) is dropped from
+    the heartbeats: its `complete` will say so (false)."""
 
     def __init__(self, dsn, lease):
         super().__init__(daemon=True)
         self.dsn, self.lease = dsn, lease
         self.jobs = {}  # id -> lease token
-        self.lost = set()
         self.lock = threading.Lock()
         self.stop = threading.Event()
 
@@ -55,7 +54,6 @@ class Heartbeat(threading.Thread):
                     for job_id, token in jobs:
                         if not conn.execute("SELECT queue.heartbeat(%s, %s)", (job_id, token)).fetchone()[0]:
                             with self.lock:
-                                self.lost.add(job_id)
                                 self.jobs.pop(job_id, None)
         except psycopg.Error as e:
             # Without heartbeats the leases run out and the jobs go to other consumers.

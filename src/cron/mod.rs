@@ -199,7 +199,8 @@ fn fire_one(d: &Due) -> Result<i64, SqlError> {
             fired += 1;
         }
     }
-    // Plans older than the window are dropped: never fired.
+    // Plans older than the window are dropped: never fired. Never before d.last: every
+    // due plan is after it.
     let done = plans
         .last()
         .copied()
@@ -210,7 +211,7 @@ fn fire_one(d: &Due) -> Result<i64, SqlError> {
         ADVANCE_SQL,
         &[
             d.name.as_str().into(),
-            to_pg(done.max(d.last)).into(),
+            to_pg(done).into(),
             next.and_then(to_pg).into(),
             last_job.into(),
             last_fired.into(),

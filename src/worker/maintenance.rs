@@ -96,16 +96,17 @@ pub fn reap_dead_owners() -> Result<i64, SqlError> {
     reap(&live, None, cutoff, "executor died")
 }
 
-/// Notifies the consumers of NOTIFY queues of jobs whose run_at passed in (`since`, now]
-/// (an enqueue of a ready job notifies by itself: only jobs with run_at > created_at, in
-/// jobs_scheduled_idx, become ready by time). One notification per queue and pass:
-/// the job's id when one became ready, empty when several did. Returns now, the next
-/// `since`.
+/// Notifies the consumers of NOTIFY queues of jobs whose run_at passed in ($1 - $2
+/// seconds, $3] ($1 NULL: ever). An enqueue of a ready job notifies by itself: only jobs
+/// with run_at > created_at, in jobs_scheduled_idx, become ready by time. One
+/// notification per queue and pass: the job's id when one became ready, empty when
+/// several did.
 const ANNOUNCE_SQL: &str = "
 WITH due AS (
     SELECT j.queue, count(*) AS n, min(j.id::text) AS id
       FROM queue.jobs j JOIN queue.queues q ON q.name = j.queue AND q.notify AND NOT q.paused
-     WHERE j.state = 'queued' AND j.run_at > j.created_at AND j.run_at > $1 AND j.run_at <= $2
+     WHERE j.state = 'queued' AND j.run_at > j.created_at AND j.run_at <= $3
+       AND j.run_at > coalesce($1 - make_interval(secs => $2), '-infinity')
      GROUP BY j.queue
 )
 SELECT count(pg_notify(queue.channel(queue), CASE WHEN n = 1 THEN id ELSE '' END)) FROM due";
@@ -131,11 +132,10 @@ pub fn announce_ready(
     lookback: Duration,
 ) -> Result<(Option<TimestampWithTimeZone>, Option<Duration>), SqlError> {
     let now = Spi::get_one::<TimestampWithTimeZone>("SELECT clock_timestamp()")?;
-    let from = Spi::get_one_with_args::<TimestampWithTimeZone>(
-        "SELECT coalesce($1 - make_interval(secs => $2), '-infinity')",
-        &[since.into(), lookback.as_secs_f64().into()],
+    Spi::get_one_with_args::<i64>(
+        ANNOUNCE_SQL,
+        &[since.into(), lookback.as_secs_f64().into(), now.into()],
     )?;
-    Spi::get_one_with_args::<i64>(ANNOUNCE_SQL, &[from.into(), now.into()])?;
     let ms = Spi::get_one_with_args::<i64>(NEXT_DEADLINE_SQL, &[now.into()])?;
     Ok((now, ms.map(|ms| Duration::from_millis(ms.max(1) as u64))))
 }

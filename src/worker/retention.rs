@@ -23,7 +23,7 @@ const LOCK_TIMEOUT: &str = "100ms";
 /// The longest retention of any queue and state: history older than that is garbage.
 const MAX_RETENTION_SQL: &str = "
 SELECT coalesce(max(greatest(q.retention, q.retention_succeeded, q.retention_failed,
-                             q.retention_cancelled)), interval '7 days')
+                             q.retention_cancelled)), interval '7 days')::text
   FROM queue.queues q";
 
 /// Daily partitions whose whole day ended before now - the longest retention.
@@ -47,27 +47,39 @@ SELECT q.name, s.state, s.retention
  ORDER BY 1, 2";
 
 /// One batch of a queue's terminal jobs in one state older than its retention, oldest
-/// first (keyset on the (queue, finished_at) index).
+/// first (keyset on the (queue, finished_at) index). Each batch statement returns how
+/// many rows it deleted.
 const DELETE_QUEUE_BATCH_SQL: &str = "
 WITH old AS (
     SELECT h.id, h.finished_at FROM queue.history h
      WHERE h.queue = $1 AND h.state = $2::queue.job_state AND h.finished_at < now() - $3::interval
      ORDER BY h.finished_at
      LIMIT $4
+), d AS (
+    DELETE FROM queue.history h USING old
+     WHERE h.id = old.id AND h.finished_at = old.finished_at AND h.finished_at < now() - $3::interval
+    RETURNING 1
 )
-DELETE FROM queue.history h USING old
- WHERE h.id = old.id AND h.finished_at = old.finished_at AND h.finished_at < now() - $3::interval";
+SELECT count(*) FROM d";
 
 /// One batch of rows in the default partition (days without a partition) past every
 /// retention, and of schedule runs older than a day.
 const DELETE_DEFAULT_BATCH_SQL: &str = "
-DELETE FROM queue.history_default
- WHERE ctid = ANY(ARRAY(SELECT ctid FROM queue.history_default
-                         WHERE finished_at < now() - ($1)::interval LIMIT $2))";
+WITH d AS (
+    DELETE FROM queue.history_default
+     WHERE ctid = ANY(ARRAY(SELECT ctid FROM queue.history_default
+                             WHERE finished_at < now() - ($1)::interval LIMIT $2))
+    RETURNING 1
+)
+SELECT count(*) FROM d";
 const DELETE_RUNS_BATCH_SQL: &str = "
-DELETE FROM queue.schedule_runs
- WHERE ctid = ANY(ARRAY(SELECT ctid FROM queue.schedule_runs
-                         WHERE fired_at < now() - interval '1 day' LIMIT $1))";
+WITH d AS (
+    DELETE FROM queue.schedule_runs
+     WHERE ctid = ANY(ARRAY(SELECT ctid FROM queue.schedule_runs
+                             WHERE fired_at < now() - interval '1 day' LIMIT $1))
+    RETURNING 1
+)
+SELECT count(*) FROM d";
 
 /// What a pass did, for the launcher's log.
 #[derive(Default)]
@@ -81,11 +93,8 @@ pub struct Report {
 pub fn run_pass() -> Result<Report, SqlError> {
     let started = Instant::now();
     let mut report = Report::default();
-    let max = in_tx(|| {
-        Spi::get_one::<String>(&format!("SELECT ({MAX_RETENTION_SQL})::text"))
-            .map_err(SqlError::from)
-    })?
-    .unwrap_or_else(|| "7 days".into());
+    let max = in_tx(|| Spi::get_one::<String>(MAX_RETENTION_SQL).map_err(SqlError::from))?
+        .unwrap_or_else(|| "7 days".into());
 
     let parts = in_tx(|| {
         let mut names = Vec::new();
@@ -143,7 +152,7 @@ pub fn run_pass() -> Result<Report, SqlError> {
     for (queue, state, retention) in shorts {
         let n = batches(started, |limit| {
             Spi::get_one_with_args::<i64>(
-                &format!("WITH d AS ({DELETE_QUEUE_BATCH_SQL} RETURNING 1) SELECT count(*) FROM d"),
+                DELETE_QUEUE_BATCH_SQL,
                 &[
                     queue.as_str().into(),
                     state.as_str().into(),
@@ -156,16 +165,13 @@ pub fn run_pass() -> Result<Report, SqlError> {
     }
     let n = batches(started, |limit| {
         Spi::get_one_with_args::<i64>(
-            &format!("WITH d AS ({DELETE_DEFAULT_BATCH_SQL} RETURNING 1) SELECT count(*) FROM d"),
+            DELETE_DEFAULT_BATCH_SQL,
             &[max.as_str().into(), limit.into()],
         )
     })?;
     report.push("default partition".into(), n);
     let n = batches(started, |limit| {
-        Spi::get_one_with_args::<i64>(
-            &format!("WITH d AS ({DELETE_RUNS_BATCH_SQL} RETURNING 1) SELECT count(*) FROM d"),
-            &[limit.into()],
-        )
+        Spi::get_one_with_args::<i64>(DELETE_RUNS_BATCH_SQL, &[limit.into()])
     })?;
     report.push("schedule runs".into(), n);
     Ok(report)
