@@ -268,9 +268,10 @@ class Bench:
         for _ in range(2):
             before.append(self.drain("bench_drain", self.size["drain"]))
             self.sql("TRUNCATE queue.history")
-        self.sql(f"""INSERT INTO queue.history (id, queue, state, payload, priority, run_at, attempts,
-                       max_attempts, created_at, started_at, finished_at, errors)
-                     SELECT queue.uuid_generate_v7(), 'bench_old', 'succeeded', '{{}}', 0, now(), 1, 5,
+        self.sql(f"""INSERT INTO queue.history (id, queue, state, payload, enqueued_by, priority, run_at,
+                       attempts, max_attempts, created_at, started_at, finished_at, errors)
+                     SELECT queue.uuid_generate_v7(), 'bench_old', 'succeeded', '{{}}', current_user::regrole,
+                            0, now(), 1, 5,
                             now() - interval '3 hours', now() - interval '3 hours', now(), '[]'
                        FROM generate_series(1, {n})""")
         self.sql("VACUUM ANALYZE queue.history")

@@ -133,7 +133,6 @@ def create_queue_as(db, role, name, **opts):
     """As `role` (a plain role), create queue `name` with handler `{name}_h(jsonb)`."""
     db.execute(f"GRANT EXECUTE ON PROCEDURE {name}_h(jsonb) TO {role}")
     db.execute("GRANT USAGE ON SCHEMA queue TO " + role)
-    db.execute("GRANT ALL ON ALL TABLES IN SCHEMA queue TO " + role)
     db.execute(f"SET ROLE {role}")
     try:
         args = "".join(f", {k} => %({k})s" for k in opts)

@@ -86,9 +86,9 @@ def test_retention_deletes_old_terminal_jobs_in_batches(cluster, db, name):
     short, keep = f"{name}_short", f"{name}_keep"
     db.execute("SELECT queue.create_queue(%s, notify => true, retention => '1 hour', paused => true)", (short,))
     db.execute("SELECT queue.create_queue(%s, notify => true, paused => true)", (keep,))
-    insert = """INSERT INTO queue.history (id, queue, state, payload, priority, run_at, attempts,
-                    max_attempts, created_at, finished_at, errors)
-                SELECT queue.uuid_generate_v7(), %s, %s, '{}', 0, now(), 1, 1,
+    insert = """INSERT INTO queue.history (id, queue, state, payload, enqueued_by, priority, run_at,
+                    attempts, max_attempts, created_at, finished_at, errors)
+                SELECT queue.uuid_generate_v7(), %s, %s, '{}', current_user::regrole, 0, now(), 1, 1,
                        now() - interval '3 hours', now() - %s::interval, '[]'
                   FROM generate_series(1, %s)"""
     db.execute(insert, (short, "succeeded", "2 hours", 2500))

@@ -11,6 +11,7 @@
 -- name, touched by claim and heartbeat; the launcher forgets names unseen for a day.
 CREATE TABLE queue.consumers (
     name        text        PRIMARY KEY,
+    role        regrole     NOT NULL,            -- the role of its last call
     pid         integer     NOT NULL,            -- backend pid of its last call
     first_seen  timestamptz NOT NULL DEFAULT now(),
     last_seen   timestamptz NOT NULL DEFAULT now()
@@ -38,10 +39,37 @@ BEGIN
 END
 $$;
 
--- seen: records that `consumer` called now.
+-- seen: records that `consumer` called now, as the API's caller.
 CREATE FUNCTION queue.seen(consumer text) RETURNS void LANGUAGE sql AS $$
-    INSERT INTO queue.consumers AS c (name, pid) VALUES (consumer, pg_backend_pid())
-    ON CONFLICT (name) DO UPDATE SET pid = excluded.pid, last_seen = now()
+    INSERT INTO queue.consumers AS c (name, role, pid) VALUES (consumer, queue.caller(), pg_backend_pid())
+    ON CONFLICT (name) DO UPDATE SET role = excluded.role, pid = excluded.pid, last_seen = now()
+$$;
+
+-- consumed_job: the queue of job `id` while `lease_token` holds it, after checking that the
+-- caller may consume from that queue (42501: its lease token is no use without the
+-- privilege; revoked, the job's lease runs out and the reaper takes it back). NULL when
+-- the token does not hold the job (then nothing is revealed about it).
+CREATE FUNCTION queue.consumed_job(id uuid, lease_token uuid, lock boolean DEFAULT false)
+RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+    job_queue text;
+BEGIN
+    PERFORM queue.check_fence(id, lease_token);
+    IF lock THEN
+        SELECT j.queue INTO job_queue FROM queue.jobs j
+         WHERE j.id = consumed_job.id AND j.state = 'running' AND j.lease_token = consumed_job.lease_token
+           AND j.lease_expires_at >= clock_timestamp()
+           FOR UPDATE;
+    ELSE
+        SELECT j.queue INTO job_queue FROM queue.jobs j
+         WHERE j.id = consumed_job.id AND j.state = 'running' AND j.lease_token = consumed_job.lease_token
+           AND j.lease_expires_at >= clock_timestamp();
+    END IF;
+    IF FOUND THEN
+        PERFORM queue.authorize(job_queue, 'consume');
+    END IF;
+    RETURN job_queue;
+END
 $$;
 
 CREATE FUNCTION queue.claim(
@@ -50,9 +78,9 @@ CREATE FUNCTION queue.claim(
     n        integer  DEFAULT 1,
     lease    interval DEFAULT '30 seconds')
 RETURNS TABLE (id uuid, payload jsonb, attempt integer, lease_token uuid, lease_expires_at timestamptz)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    q queue.queues := queue.find_queue(claim.queue);
+    q queue.queues := queue.authorize(claim.queue, 'consume');
 BEGIN
     IF NOT q.notify THEN
         RAISE EXCEPTION 'queue "%" runs its jobs in the database (handler %)', q.name, q.handler
@@ -97,12 +125,14 @@ COMMENT ON FUNCTION queue.claim(text, text, integer, interval) IS
     'NOTIFY queues: takes up to n ready jobs for consumer (a unique name per process) and returns them with the lease token every later call needs and when the lease expires. Nothing while paused or at the queue''s concurrency limit.';
 
 CREATE FUNCTION queue.heartbeat(id uuid, lease_token uuid, lease interval DEFAULT NULL)
-RETURNS boolean LANGUAGE plpgsql AS $$
+RETURNS boolean LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     held_by text;
 BEGIN
-    PERFORM queue.check_fence(id, lease_token);
     PERFORM queue.check_lease(lease);
+    IF queue.consumed_job(id, lease_token) IS NULL THEN
+        RETURN false;
+    END IF;
     UPDATE queue.jobs j
        SET lease = coalesce(heartbeat.lease, j.lease),
            lease_expires_at = clock_timestamp() + coalesce(heartbeat.lease, j.lease)
@@ -120,20 +150,28 @@ COMMENT ON FUNCTION queue.heartbeat(uuid, uuid, interval) IS
     'NOTIFY queues: extends a claimed job''s lease by lease (default: the lease it was claimed with). false when the lease was lost (expired, reaped, or the job cancelled): stop working on it.';
 
 CREATE FUNCTION queue.complete(id uuid, lease_token uuid, result jsonb DEFAULT NULL)
-RETURNS boolean LANGUAGE plpgsql AS $$
+RETURNS boolean LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    PERFORM queue.check_fence(id, lease_token);
+    IF pg_column_size(result) > current_setting('queue.max_result_size')::integer THEN
+        RAISE EXCEPTION 'result too large: % bytes', pg_column_size(result)
+            USING ERRCODE = 'program_limit_exceeded',
+                  DETAIL = format('Results may be at most %s bytes (queue.max_result_size).',
+                                  current_setting('queue.max_result_size'));
+    END IF;
+    IF queue.consumed_job(id, lease_token, true) IS NULL THEN
+        RETURN false;
+    END IF;
     WITH d AS (
         DELETE FROM queue.jobs j
          WHERE j.id = complete.id AND j.state = 'running' AND j.lease_token = complete.lease_token
            AND j.lease_expires_at >= clock_timestamp()
         RETURNING j.*)
-    INSERT INTO queue.history (id, queue, state, payload, priority, run_at, attempts, max_attempts,
-                               timeout, created_at, started_at, finished_at, worker_pid, consumer,
-                               result, errors)
-    SELECT d.id, d.queue, 'succeeded', d.payload, d.priority, d.run_at, d.attempts, d.max_attempts,
-           d.timeout, d.created_at, d.started_at, clock_timestamp(), d.worker_pid, d.consumer,
-           complete.result, d.errors
+    INSERT INTO queue.history (id, queue, state, payload, enqueued_by, priority, run_at, attempts,
+                               max_attempts, timeout, created_at, started_at, finished_at, worker_pid,
+                               consumer, result, errors)
+    SELECT d.id, d.queue, 'succeeded', d.payload, d.enqueued_by, d.priority, d.run_at, d.attempts,
+           d.max_attempts, d.timeout, d.created_at, d.started_at, clock_timestamp(), d.worker_pid,
+           d.consumer, complete.result, d.errors
       FROM d;
     RETURN FOUND;
 END
@@ -142,7 +180,7 @@ COMMENT ON FUNCTION queue.complete(uuid, uuid, jsonb) IS
     'NOTIFY queues: marks a claimed job succeeded, keeping result. false (nothing changed) when the lease token is not the job''s current one or the lease expired.';
 
 CREATE FUNCTION queue.fail(id uuid, lease_token uuid, error text, retry_in interval DEFAULT NULL)
-RETURNS boolean LANGUAGE plpgsql AS $$
+RETURNS boolean LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     q queue.queues;
     j queue.jobs;
@@ -156,15 +194,13 @@ BEGIN
         RAISE EXCEPTION 'retry_in must not be negative, not %', retry_in
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    SELECT * INTO j FROM queue.jobs x
-     WHERE x.id = fail.id AND x.state = 'running' AND x.lease_token = fail.lease_token
-       AND x.lease_expires_at >= clock_timestamp()
-       FOR UPDATE;
-    IF NOT FOUND THEN
+    IF queue.consumed_job(id, lease_token, true) IS NULL THEN
         RETURN false;
     END IF;
+    SELECT * INTO j FROM queue.jobs x WHERE x.id = fail.id;
     failure := jsonb_build_object('attempt', j.attempts, 'at', clock_timestamp(),
-                                  'message', error, 'consumer', j.consumer);
+                                  'message', left(error, current_setting('queue.max_error_length')::integer),
+                                  'consumer', j.consumer);
     IF j.attempts < j.max_attempts THEN
         SELECT * INTO q FROM queue.queues x WHERE x.name = j.queue;
         UPDATE queue.jobs x
@@ -179,12 +215,12 @@ BEGIN
         END IF;
     ELSE
         WITH d AS (DELETE FROM queue.jobs x WHERE x.id = j.id RETURNING x.*)
-        INSERT INTO queue.history (id, queue, state, payload, priority, run_at, attempts, max_attempts,
-                                   timeout, created_at, started_at, finished_at, worker_pid, consumer,
-                                   errors)
-        SELECT d.id, d.queue, 'failed', d.payload, d.priority, d.run_at, d.attempts, d.max_attempts,
-               d.timeout, d.created_at, d.started_at, clock_timestamp(), d.worker_pid, d.consumer,
-               d.errors || failure
+        INSERT INTO queue.history (id, queue, state, payload, enqueued_by, priority, run_at, attempts,
+                                   max_attempts, timeout, created_at, started_at, finished_at, worker_pid,
+                                   consumer, errors)
+        SELECT d.id, d.queue, 'failed', d.payload, d.enqueued_by, d.priority, d.run_at, d.attempts,
+               d.max_attempts, d.timeout, d.created_at, d.started_at, clock_timestamp(), d.worker_pid,
+               d.consumer, d.errors || failure
           FROM d;
     END IF;
     RETURN true;
@@ -194,23 +230,33 @@ COMMENT ON FUNCTION queue.fail(uuid, uuid, text, interval) IS
     'NOTIFY queues: records a failed attempt of a claimed job. It is retried after retry_in (default: the queue''s backoff), or fails for good when its attempts are used up. false (nothing changed) when the lease token is not the job''s current one or the lease expired.';
 
 -- workers: who runs jobs now. In-database executors (from shared memory) and external
--- consumers seen in the last 10 minutes or still holding jobs.
-CREATE VIEW queue.workers AS
+-- consumers seen in the last 10 minutes or still holding jobs. Jobs are counted and listed
+-- only when the current role may see them; a consumer is shown to members of its role and
+-- of pg_monitor, and to roles that see one of its jobs.
+CREATE VIEW queue.workers WITH (security_barrier) AS
+WITH monitor AS (SELECT pg_catalog.pg_has_role(current_user, 'pg_monitor', 'USAGE') AS yes),
+visible AS (
+    SELECT j.id, j.worker_id, j.consumer, j.started_at, j.lease_expires_at
+      FROM queue.jobs j JOIN queue.my_privileges() p ON p.queue = j.queue
+     WHERE j.state = 'running'
+       AND (p.read OR (p.enqueue AND pg_catalog.pg_has_role(current_user, j.enqueued_by, 'USAGE')))
+)
 SELECT 'executor'::text AS kind, 'executor ' || e.slot AS name, e.pid,
        count(j.id) AS jobs, array_remove(array_agg(j.id ORDER BY j.started_at), NULL) AS job_ids,
        a.backend_start AS since, NULL::timestamptz AS last_seen,
        NULL::timestamptz AS lease_expires_at
   FROM queue.executors() e
-  LEFT JOIN queue.jobs j ON j.state = 'running' AND j.worker_id = e.executor_id
-  LEFT JOIN pg_stat_activity a ON a.pid = e.pid
+  LEFT JOIN visible j ON j.worker_id = e.executor_id
+  LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = e.pid
  GROUP BY e.slot, e.pid, a.backend_start
 UNION ALL
 SELECT 'consumer', c.name, c.pid,
        count(j.id), array_remove(array_agg(j.id ORDER BY j.started_at), NULL),
        c.first_seen, c.last_seen, min(j.lease_expires_at)
   FROM queue.consumers c
-  LEFT JOIN queue.jobs j ON j.state = 'running' AND j.consumer = c.name
- GROUP BY c.name, c.pid, c.first_seen, c.last_seen
-HAVING c.last_seen > now() - interval '10 minutes' OR count(j.id) > 0;
+  LEFT JOIN visible j ON j.consumer = c.name
+ GROUP BY c.name, c.role, c.pid, c.first_seen, c.last_seen
+HAVING (c.last_seen > now() - interval '10 minutes' OR count(j.id) > 0)
+   AND ((SELECT yes FROM monitor) OR pg_catalog.pg_has_role(current_user, c.role, 'USAGE') OR count(j.id) > 0);
 COMMENT ON VIEW queue.workers IS
     'In-database executors and external consumers (seen in the last 10 minutes or holding jobs), with the jobs each holds.';

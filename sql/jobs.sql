@@ -1,5 +1,10 @@
--- Jobs: enqueue, enqueue_many, cancel, status, retry, and the job_status view.
--- Requires queue.uuid_generate_v7() and queue.wake_executors() (src/api/mod.rs).
+-- Jobs: enqueue, enqueue_many, cancel, status, retry, purge, and the views job_status and
+-- stats. Requires queue.uuid_generate_v7() and queue.wake_executors() (src/api/mod.rs) and
+-- the privilege checks of sql/privileges.sql.
+--
+-- Who sees a job (status, job_status, cancel, retry): a role with read on its queue
+-- (owner, read, consume, manage), and the role that enqueued it (or a role with its
+-- privileges) while it still holds enqueue. To anyone else a job does not exist.
 
 -- channel: the NOTIFY channel of a queue. Queue names may be 63 characters but channels
 -- only 63 bytes in all, so a long name is shortened and made unique with its md5.
@@ -42,6 +47,29 @@ BEGIN
 END
 $$;
 
+-- check_capacity: 54000 when the queue is full (the launcher marks a queue holding
+-- max_pending_jobs live jobs), when a call brings more jobs than that, or when a payload is
+-- larger than max_payload_size (the queue's, or the server's queue.max_payload_size).
+CREATE FUNCTION queue.check_capacity(q queue.queues, payloads jsonb[]) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    max_size integer := least(q.max_payload_size, current_setting('queue.max_payload_size')::integer);
+    max_pending bigint := least(q.max_pending_jobs, current_setting('queue.max_pending_jobs')::bigint);
+    too_big integer;
+BEGIN
+    IF q.is_full OR cardinality(payloads) > max_pending THEN
+        RAISE EXCEPTION 'queue "%" is full', q.name USING ERRCODE = 'program_limit_exceeded',
+            DETAIL = format('It may hold %s pending jobs.', max_pending),
+            HINT = 'Wait for its jobs to finish, or raise its max_pending_jobs (queue.alter_queue).';
+    END IF;
+    SELECT max(pg_column_size(p)) INTO too_big FROM unnest(payloads) p;
+    IF too_big > max_size THEN
+        RAISE EXCEPTION 'payload too large: % bytes', too_big USING ERRCODE = 'program_limit_exceeded',
+            DETAIL = format('Queue "%s" accepts payloads of at most %s bytes.', q.name, max_size);
+    END IF;
+END
+$$;
+
 CREATE FUNCTION queue.enqueue(
     queue        text,
     payload      jsonb       DEFAULT '{}',
@@ -49,26 +77,35 @@ CREATE FUNCTION queue.enqueue(
     priority     integer     DEFAULT 0,
     max_attempts integer     DEFAULT NULL,
     timeout      interval    DEFAULT NULL)
-RETURNS uuid LANGUAGE plpgsql AS $$
+RETURNS uuid LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 -- The hot path of every producer: no nested function calls but for the checks that fail
--- (find_queue raises the error), everything else inline.
+-- (find_queue and authorize raise the errors) and a grantee's check, everything else inline.
 DECLARE
     q queue.queues;
     job_id uuid := queue.uuid_generate_v7();
+    who oid := queue.caller();
 BEGIN
     SELECT * INTO q FROM queue.queues x WHERE x.name = enqueue.queue;
     IF NOT FOUND THEN
         q := queue.find_queue(queue);           -- raises the right error
     END IF;
+    IF NOT pg_has_role(who, q.owner, 'USAGE') AND NOT queue.may(who, q, 'enqueue') THEN
+        PERFORM queue.authorize(q.name, 'enqueue');
+    END IF;
     IF payload IS NULL THEN
         RAISE EXCEPTION 'payload must not be NULL' USING ERRCODE = 'null_value_not_allowed',
             HINT = 'Use ''{}'' for a job without data.';
     END IF;
+    IF q.is_full OR pg_column_size(payload) > coalesce(q.max_payload_size, 2147483647)
+       OR pg_column_size(payload) > current_setting('queue.max_payload_size')::integer THEN
+        PERFORM queue.check_capacity(q, ARRAY[payload]);
+    END IF;
     IF priority IS NULL OR max_attempts IS NOT NULL OR timeout IS NOT NULL THEN
         PERFORM queue.check_job_options(priority, max_attempts, timeout);
     END IF;
-    INSERT INTO queue.jobs (id, queue, state, payload, priority, run_at, max_attempts, timeout, created_at)
-    VALUES (job_id, q.name, 'queued', payload, priority, coalesce(run_at, now()),
+    INSERT INTO queue.jobs (id, queue, state, payload, enqueued_by, priority, run_at, max_attempts,
+                            timeout, created_at)
+    VALUES (job_id, q.name, 'queued', payload, who, priority, coalesce(run_at, now()),
             coalesce(max_attempts, q.max_attempts), timeout, now());
     IF run_at IS NULL OR run_at <= now() THEN
         IF q.notify THEN
@@ -90,18 +127,20 @@ CREATE FUNCTION queue.enqueue_many(
     priority     integer     DEFAULT 0,
     max_attempts integer     DEFAULT NULL,
     timeout      interval    DEFAULT NULL)
-RETURNS SETOF uuid LANGUAGE plpgsql AS $$
+RETURNS SETOF uuid LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    q queue.queues := queue.find_queue(queue);
+    q queue.queues := queue.authorize(queue, 'enqueue');
     n integer;
 BEGIN
     IF payloads IS NULL OR array_position(payloads, NULL) IS NOT NULL THEN
         RAISE EXCEPTION 'payloads must not be NULL nor contain NULL' USING ERRCODE = 'null_value_not_allowed';
     END IF;
     PERFORM queue.check_job_options(priority, max_attempts, timeout);
+    PERFORM queue.check_capacity(q, payloads);          -- all or nothing
     RETURN QUERY
-    INSERT INTO queue.jobs (id, queue, state, payload, priority, run_at, max_attempts, timeout, created_at)
-    SELECT queue.uuid_generate_v7(), q.name, 'queued', p.payload, enqueue_many.priority,
+    INSERT INTO queue.jobs (id, queue, state, payload, enqueued_by, priority, run_at, max_attempts,
+                            timeout, created_at)
+    SELECT queue.uuid_generate_v7(), q.name, 'queued', p.payload, queue.caller(), enqueue_many.priority,
            coalesce(enqueue_many.run_at, now()), coalesce(enqueue_many.max_attempts, q.max_attempts),
            enqueue_many.timeout, now()
       FROM unnest(payloads) WITH ORDINALITY AS p(payload, ord)
@@ -116,11 +155,51 @@ $$;
 COMMENT ON FUNCTION queue.enqueue_many(text, jsonb[], timestamptz, integer, integer, interval) IS
     'Enqueues one job per payload in one statement; returns their ids in payload order.';
 
-CREATE FUNCTION queue.cancel(id uuid) RETURNS boolean LANGUAGE plpgsql AS $$
+-- sees_job: whether role `who` may see a job of `job_queue` that `enqueuer` enqueued.
+CREATE FUNCTION queue.sees_job(who oid, job_queue text, enqueuer oid) RETURNS boolean
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    q queue.queues;
+BEGIN
+    SELECT * INTO q FROM queue.queues x WHERE x.name = job_queue;
+    IF NOT FOUND THEN                           -- its queue was dropped: superusers only
+        RETURN coalesce((SELECT r.rolsuper FROM pg_roles r WHERE r.oid = who), false);
+    END IF;
+    RETURN queue.may(who, q, 'read')
+        OR (pg_has_role(who, enqueuer, 'USAGE') AND queue.may(who, q, 'enqueue'));
+END
+$$;
+
+-- authorize_job: raises 42704 when the caller may not see the job (the same error as for
+-- a job that does not exist), 42501 when it sees the job but may not `action` it:
+-- cancel (manage, or the enqueuer) or retry (manage).
+CREATE FUNCTION queue.authorize_job(id uuid, job_queue text, enqueuer oid, action text) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    who oid := queue.caller();
+    q queue.queues;
+BEGIN
+    IF job_queue IS NULL OR NOT queue.sees_job(who, job_queue, enqueuer) THEN
+        RAISE EXCEPTION 'job % does not exist', id USING ERRCODE = 'undefined_object';
+    END IF;
+    SELECT * INTO q FROM queue.queues x WHERE x.name = job_queue;
+    IF NOT (queue.may(who, q, 'manage')
+            OR (action = 'cancel' AND pg_has_role(who, enqueuer, 'USAGE') AND queue.may(who, q, 'enqueue'))) THEN
+        RAISE EXCEPTION 'permission denied to % job %', action, id USING ERRCODE = 'insufficient_privilege',
+            DETAIL = format('This needs the manage privilege on queue "%s"%s.', job_queue,
+                            CASE WHEN action = 'cancel' THEN ', or to have enqueued the job' ELSE '' END);
+    END IF;
+END
+$$;
+
+CREATE FUNCTION queue.cancel(id uuid) RETURNS boolean
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     st queue.job_state;
     pid integer;
     held_by text;
+    job_queue text;
+    enqueuer oid;
 BEGIN
     IF id IS NULL THEN
         RAISE EXCEPTION 'id must not be NULL' USING ERRCODE = 'null_value_not_allowed';
@@ -128,15 +207,19 @@ BEGIN
     LOOP
         -- No row lock here: a running job's row is locked by its executor until the
         -- handler ends, and a cancel must not wait for that.
-        SELECT j.state, j.worker_pid, j.consumer INTO st, pid, held_by
+        SELECT j.state, j.worker_pid, j.consumer, j.queue, j.enqueued_by
+          INTO st, pid, held_by, job_queue, enqueuer
           FROM queue.jobs j WHERE j.id = cancel.id;
         IF NOT FOUND THEN
-            IF EXISTS (SELECT 1 FROM queue.history h WHERE h.id = cancel.id
-                         AND h.finished_at >= queue.uuid_time(cancel.id) - interval '1 day') THEN
+            SELECT h.queue, h.enqueued_by INTO job_queue, enqueuer FROM queue.history h
+             WHERE h.id = cancel.id AND h.finished_at >= queue.uuid_time(cancel.id) - interval '1 day';
+            IF FOUND THEN
+                PERFORM queue.authorize_job(id, job_queue, enqueuer, 'cancel');
                 RETURN false;                   -- already terminal
             END IF;
-            RAISE EXCEPTION 'job % does not exist', id USING ERRCODE = 'undefined_object';
+            PERFORM queue.authorize_job(id, NULL, NULL, 'cancel');  -- raises 42704
         END IF;
+        PERFORM queue.authorize_job(id, job_queue, enqueuer, 'cancel');
         IF st = 'running' AND held_by IS NULL THEN
             -- The executor interrupts the handler and records the job as cancelled; a
             -- handler that already finished leaves it succeeded.
@@ -148,12 +231,12 @@ BEGIN
                     WHERE j.id = cancel.id
                       AND (j.state IN ('queued', 'waiting') OR j.consumer IS NOT NULL)
                    RETURNING j.*)
-        INSERT INTO queue.history (id, queue, state, payload, priority, run_at, attempts, max_attempts,
-                                   timeout, created_at, started_at, finished_at, worker_pid, consumer,
-                                   errors)
-        SELECT d.id, d.queue, 'cancelled', d.payload, d.priority, d.run_at, d.attempts, d.max_attempts,
-               d.timeout, d.created_at, d.started_at, clock_timestamp(), d.worker_pid, d.consumer,
-               d.errors
+        INSERT INTO queue.history (id, queue, state, payload, enqueued_by, priority, run_at, attempts,
+                                   max_attempts, timeout, created_at, started_at, finished_at, worker_pid,
+                                   consumer, errors)
+        SELECT d.id, d.queue, 'cancelled', d.payload, d.enqueued_by, d.priority, d.run_at, d.attempts,
+               d.max_attempts, d.timeout, d.created_at, d.started_at, clock_timestamp(), d.worker_pid,
+               d.consumer, d.errors
           FROM d;
         IF FOUND THEN
             RETURN true;
@@ -165,33 +248,47 @@ $$;
 COMMENT ON FUNCTION queue.cancel(uuid) IS
     'Cancels a job: a queued one moves to history as cancelled at once; a running one has its handler interrupted and its effects rolled back; one held by an external consumer is cancelled at once and the consumer''s lease token stops working. Returns false when the job already finished.';
 
--- job_status: every job, live or finished, in one relation. Reading it in one statement
--- takes one snapshot, so a job moving from jobs to history is never missed nor seen twice.
-CREATE VIEW queue.job_status AS
+-- all_jobs: every job, live or finished, in one relation (internal: no filter). Reading it
+-- in one statement takes one snapshot, so a job moving from jobs to history is never missed
+-- nor seen twice.
+CREATE VIEW queue.all_jobs AS
 SELECT j.id, j.queue, j.state, j.state = 'queued' AND j.run_at > now() AS scheduled,
        j.attempts, j.max_attempts, j.priority, j.run_at, j.created_at, j.started_at,
        NULL::timestamptz AS finished_at, j.errors -> -1 ->> 'message' AS last_error,
-       j.errors, NULL::jsonb AS result, j.worker_pid, j.consumer, j.lease_expires_at, j.payload
+       j.errors, NULL::jsonb AS result, j.worker_pid, j.consumer, j.lease_expires_at, j.payload,
+       j.enqueued_by
   FROM queue.jobs j
 UNION ALL
 SELECT h.id, h.queue, h.state, false, h.attempts, h.max_attempts, h.priority, h.run_at,
        h.created_at, h.started_at, h.finished_at, h.errors -> -1 ->> 'message', h.errors,
-       h.result, h.worker_pid, h.consumer, NULL::timestamptz, h.payload
+       h.result, h.worker_pid, h.consumer, NULL::timestamptz, h.payload, h.enqueued_by
   FROM queue.history h;
+
+-- job_status: the jobs the current role may see. A security barrier: a function in a
+-- query's WHERE clause sees no row the filter removed (unless it is leakproof).
+CREATE VIEW queue.job_status WITH (security_barrier) AS
+SELECT s.*
+  FROM queue.all_jobs s
+  LEFT JOIN queue.my_privileges() p ON p.queue = s.queue
+ WHERE p.read OR (p.enqueue AND pg_catalog.pg_has_role(current_user, s.enqueued_by, 'USAGE'))
+    -- jobs of dropped queues: superusers only (as queue.sees_job)
+    OR (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname = current_user);
 COMMENT ON VIEW queue.job_status IS
-    'All jobs, live and finished. Filter on id (or queue) to keep it cheap.';
+    'The jobs the current role may see, live and finished. Filter on id (or queue) to keep it cheap.';
 
 CREATE FUNCTION queue.status(id uuid)
-RETURNS SETOF queue.job_status LANGUAGE sql STABLE AS $$
-    SELECT * FROM queue.job_status s
+RETURNS SETOF queue.job_status LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT * FROM queue.all_jobs s
      WHERE s.id = status.id
        -- history partitions that cannot hold the job are pruned: it finished after it was created
        AND (s.finished_at IS NULL OR s.finished_at >= queue.uuid_time(status.id) - interval '1 day')
+       AND queue.sees_job(queue.caller(), s.queue, s.enqueued_by)
 $$;
 COMMENT ON FUNCTION queue.status(uuid) IS
     'The job''s state, attempts, times, last error, errors, result and worker; no row for an unknown id.';
 
-CREATE FUNCTION queue.retry(id uuid) RETURNS boolean LANGUAGE plpgsql AS $$
+CREATE FUNCTION queue.retry(id uuid) RETURNS boolean
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     h queue.history;
     q queue.queues;
@@ -203,11 +300,11 @@ BEGIN
     SELECT * INTO h FROM queue.history x
      WHERE x.id = retry.id AND x.finished_at >= queue.uuid_time(retry.id) - interval '1 day';
     IF NOT FOUND THEN
-        IF EXISTS (SELECT 1 FROM queue.jobs j WHERE j.id = retry.id) THEN
-            RETURN false;                       -- still live
-        END IF;
-        RAISE EXCEPTION 'job % does not exist', id USING ERRCODE = 'undefined_object';
+        SELECT j.queue, j.enqueued_by INTO h.queue, h.enqueued_by FROM queue.jobs j WHERE j.id = retry.id;
+        PERFORM queue.authorize_job(id, h.queue, h.enqueued_by, 'retry');   -- 42704 when unknown
+        RETURN false;                           -- still live
     END IF;
+    PERFORM queue.authorize_job(id, h.queue, h.enqueued_by, 'retry');
     IF h.state = 'succeeded' THEN
         RETURN false;
     END IF;
@@ -217,10 +314,10 @@ BEGIN
                 WHERE x.id = retry.id AND x.state IN ('failed', 'cancelled')
                   AND x.finished_at >= queue.uuid_time(retry.id) - interval '1 day'
                RETURNING x.*)
-    INSERT INTO queue.jobs (id, queue, state, payload, priority, run_at, attempts, max_attempts,
-                            timeout, created_at, errors)
-    SELECT d.id, d.queue, 'queued', d.payload, d.priority, now(), 0, d.max_attempts, d.timeout,
-           d.created_at, d.errors
+    INSERT INTO queue.jobs (id, queue, state, payload, enqueued_by, priority, run_at, attempts,
+                            max_attempts, timeout, created_at, errors)
+    SELECT d.id, d.queue, 'queued', d.payload, d.enqueued_by, d.priority, now(), 0, d.max_attempts,
+           d.timeout, d.created_at, d.errors
       FROM d;
     GET DIAGNOSTICS n = ROW_COUNT;
     IF n > 0 THEN
@@ -244,9 +341,9 @@ COMMENT ON FUNCTION queue.backoff(interval, interval, integer) IS
 
 CREATE FUNCTION queue.purge(queue text, older_than interval DEFAULT '0',
                             states queue.job_state[] DEFAULT '{succeeded,failed,cancelled}')
-RETURNS bigint LANGUAGE plpgsql AS $$
+RETURNS bigint LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    q queue.queues := queue.lock_queue(queue);
+    q queue.queues := queue.authorize(queue, 'manage', true);
     n bigint;
 BEGIN
     IF older_than IS NULL OR older_than < interval '0' THEN
@@ -269,8 +366,10 @@ COMMENT ON FUNCTION queue.purge(text, interval, queue.job_state[]) IS
 
 -- stats: one row per queue for psql admins. Counts every live job of the queue (a large
 -- backlog makes it slower) and the last hour of history (by the (queue, finished_at) index).
-CREATE VIEW queue.stats AS
-SELECT q.name AS queue, q.paused, q.concurrency,
+-- Shows the queues the current role may read, and every queue to members of pg_monitor
+-- (counts only: no payload is in it).
+CREATE VIEW queue.stats WITH (security_barrier) AS
+SELECT q.name AS queue, q.paused, q.is_full, q.concurrency,
        coalesce(l.ready, 0) AS ready, coalesce(l.scheduled, 0) AS scheduled,
        coalesce(l.running, 0) AS running, l.oldest_ready_age,
        coalesce(h.succeeded, 0) AS succeeded_last_hour, coalesce(h.failed, 0) AS failed_last_hour,
@@ -289,6 +388,8 @@ SELECT q.name AS queue, q.paused, q.concurrency,
              count(*) FILTER (WHERE x.state = 'cancelled') AS cancelled,
              count(*) FILTER (WHERE x.finished_at > now() - interval '1 minute') AS last_minute
         FROM queue.history x
-       WHERE x.queue = q.name AND x.finished_at > now() - interval '1 hour') h ON true;
+       WHERE x.queue = q.name AND x.finished_at > now() - interval '1 hour') h ON true
+ WHERE pg_catalog.pg_has_role(current_user, 'pg_monitor', 'USAGE')
+    OR q.name IN (SELECT p.queue FROM queue.my_privileges() p WHERE p.read);
 COMMENT ON VIEW queue.stats IS
     'Per queue: ready, scheduled and running jobs, the age of the oldest ready one, and the last hour''s outcomes and throughput.';

@@ -1,12 +1,15 @@
 -- Queue administration: create_queue, alter_queue, drop_queue, pause, resume.
+-- Every API function here has `SET search_path = pg_catalog, pg_temp`: it runs as the
+-- extension owner and checks the privileges of queue.caller() (sql/privileges.sql).
 -- Errors carry SQLSTATEs: 22023 invalid_parameter_value, 22004 null_value_not_allowed,
 -- 42704 undefined_object (unknown queue), 42710 duplicate_object, 42501 insufficient_privilege,
 -- 55006 object_in_use (drop with live jobs).
 
 -- check_handler: validates a SQL handler and returns its schema-qualified signature text.
--- A handler is a procedure, or a function, taking exactly one argument of type jsonb.
-CREATE FUNCTION queue.check_handler(handler regprocedure) RETURNS text
-LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+-- A handler is a procedure, or a function, taking exactly one argument of type jsonb,
+-- which `owner` (as whom it will run) may call.
+CREATE FUNCTION queue.check_handler(handler regprocedure, owner oid) RETURNS text
+LANGUAGE plpgsql STABLE AS $$
 DECLARE
     p pg_proc;
 BEGIN
@@ -21,9 +24,11 @@ BEGIN
                   HINT = 'A handler is a procedure or a function with one argument of type jsonb, '
                          'for example: CREATE PROCEDURE my_handler(payload jsonb) ...';
     END IF;
-    IF NOT has_function_privilege(handler, 'EXECUTE') THEN
+    IF NOT has_function_privilege(owner, handler, 'EXECUTE')
+       OR NOT has_schema_privilege(owner, p.pronamespace, 'USAGE') THEN
         RAISE EXCEPTION 'permission denied for handler %', handler
-            USING ERRCODE = 'insufficient_privilege';
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = format('The handler runs as the queue''s owner, %s, who may not call it.', owner::regrole);
     END IF;
     RETURN format('%I.%I(jsonb)',
                   (SELECT nspname FROM pg_namespace WHERE oid = p.pronamespace), p.proname);
@@ -70,6 +75,39 @@ BEGIN
 END
 $$;
 
+-- check_search_path: a handler's search_path must be a valid setting. Validated by setting
+-- it: the SET clause of this function restores the previous value when it returns.
+CREATE FUNCTION queue.check_search_path(path text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF path IS NULL THEN
+        RAISE EXCEPTION 'search_path must not be NULL' USING ERRCODE = 'null_value_not_allowed',
+            HINT = 'The default is ''"$user", public''.';
+    END IF;
+    PERFORM pg_catalog.set_config('search_path', path, true);
+END
+$$;
+
+-- check_limits: a queue's limits may only lower the server's (queue.max_payload_size,
+-- queue.max_pending_jobs, which a superuser sets).
+CREATE FUNCTION queue.check_limits(max_payload_size integer, max_pending_jobs bigint)
+RETURNS void LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    server_payload integer := current_setting('queue.max_payload_size')::integer;
+    server_pending bigint := current_setting('queue.max_pending_jobs')::bigint;
+BEGIN
+    IF max_payload_size <= 0 OR max_payload_size > server_payload THEN
+        RAISE EXCEPTION 'max_payload_size must be between 1 and the server''s queue.max_payload_size (%), not %',
+                        server_payload, max_payload_size
+            USING ERRCODE = 'invalid_parameter_value';
+    ELSIF max_pending_jobs <= 0 OR max_pending_jobs > server_pending THEN
+        RAISE EXCEPTION 'max_pending_jobs must be between 1 and the server''s queue.max_pending_jobs (%), not %',
+                        server_pending, max_pending_jobs
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+END
+$$;
+
 -- find_queue: the queue's row (locked when for_update), 22004 for NULL, 42704 when none.
 CREATE FUNCTION queue.find_queue(queue_name text, for_update boolean DEFAULT false)
 RETURNS queue.queues LANGUAGE plpgsql AS $$
@@ -92,19 +130,6 @@ BEGIN
 END
 $$;
 
--- lock_queue: the queue row, locked, after checking the caller may administer it.
-CREATE FUNCTION queue.lock_queue(queue_name text) RETURNS queue.queues
-LANGUAGE plpgsql AS $$
-DECLARE
-    q queue.queues := queue.find_queue(queue_name, true);
-BEGIN
-    IF NOT pg_has_role(current_user, q.owner, 'USAGE') THEN
-        RAISE EXCEPTION 'must be owner of queue "%"', queue_name USING ERRCODE = 'insufficient_privilege';
-    END IF;
-    RETURN q;
-END
-$$;
-
 CREATE FUNCTION queue.create_queue(
     name          text,
     handler       regprocedure DEFAULT NULL,
@@ -118,10 +143,14 @@ CREATE FUNCTION queue.create_queue(
     paused        boolean  DEFAULT false,
     retention_succeeded interval DEFAULT NULL,
     retention_failed    interval DEFAULT NULL,
-    retention_cancelled interval DEFAULT NULL)
-RETURNS void LANGUAGE plpgsql AS $$
+    retention_cancelled interval DEFAULT NULL,
+    search_path   text     DEFAULT '"$user", public',
+    max_payload_size integer DEFAULT NULL,
+    max_pending_jobs bigint  DEFAULT NULL)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     handler_sig text;
+    owner oid := queue.caller();
 BEGIN
     IF name IS NULL OR name !~ '^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,62}$' THEN
         RAISE EXCEPTION 'invalid queue name: %', coalesce(quote_literal(name), 'NULL')
@@ -136,26 +165,30 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF handler IS NOT NULL THEN
-        handler_sig := queue.check_handler(handler);
+        handler_sig := queue.check_handler(handler, owner);
     END IF;
     PERFORM queue.check_settings(concurrency, max_attempts, timeout, backoff_base, backoff_max, retention);
     PERFORM queue.check_state_retentions(retention_succeeded, retention_failed, retention_cancelled);
-    INSERT INTO queue.queues AS q (name, handler, notify, concurrency, max_attempts, timeout,
+    PERFORM queue.check_search_path(create_queue.search_path);
+    PERFORM queue.check_limits(create_queue.max_payload_size, create_queue.max_pending_jobs);
+    INSERT INTO queue.queues AS q (name, handler, notify, owner, concurrency, max_attempts, timeout,
                                    backoff_base, backoff_max, retention, paused,
-                                   retention_succeeded, retention_failed, retention_cancelled)
-    VALUES (create_queue.name, handler_sig, create_queue.notify, create_queue.concurrency,
+                                   retention_succeeded, retention_failed, retention_cancelled,
+                                   search_path, max_payload_size, max_pending_jobs)
+    VALUES (create_queue.name, handler_sig, create_queue.notify, owner, create_queue.concurrency,
             create_queue.max_attempts, create_queue.timeout, create_queue.backoff_base,
             create_queue.backoff_max, create_queue.retention, coalesce(create_queue.paused, false),
             create_queue.retention_succeeded, create_queue.retention_failed,
-            create_queue.retention_cancelled)
+            create_queue.retention_cancelled, create_queue.search_path,
+            create_queue.max_payload_size, create_queue.max_pending_jobs)
     ON CONFLICT DO NOTHING;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'queue "%" already exists', name USING ERRCODE = 'duplicate_object';
     END IF;
 END
 $$;
-COMMENT ON FUNCTION queue.create_queue(text, regprocedure, boolean, integer, integer, interval, interval, interval, interval, boolean, interval, interval, interval) IS
-    'Creates a queue run by a SQL handler (a procedure or function taking payload jsonb), or a NOTIFY queue for external consumers. The caller owns it; the handler runs with the owner''s privileges. retention: how long finished jobs stay in history (retention_succeeded/failed/cancelled override it per state).';
+COMMENT ON FUNCTION queue.create_queue(text, regprocedure, boolean, integer, integer, interval, interval, interval, interval, boolean, interval, interval, interval, text, integer, bigint) IS
+    'Creates a queue run by a SQL handler (a procedure or function taking payload jsonb), or a NOTIFY queue for external consumers. The caller owns it; the handler runs as the owner, with search_path pinned. retention: how long finished jobs stay in history (retention_succeeded/failed/cancelled override it per state). max_payload_size, max_pending_jobs: lower limits than the server''s.';
 
 -- alter_queue: NULL leaves a setting unchanged.
 CREATE FUNCTION queue.alter_queue(
@@ -169,18 +202,30 @@ CREATE FUNCTION queue.alter_queue(
     retention     interval DEFAULT NULL,
     retention_succeeded interval DEFAULT NULL,
     retention_failed    interval DEFAULT NULL,
-    retention_cancelled interval DEFAULT NULL)
-RETURNS void LANGUAGE plpgsql AS $$
+    retention_cancelled interval DEFAULT NULL,
+    search_path   text     DEFAULT NULL,
+    max_payload_size integer DEFAULT NULL,
+    max_pending_jobs bigint  DEFAULT NULL)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    q queue.queues := queue.lock_queue(name);
+    -- What the handler runs and how is the owner's to change; the rest managers may.
+    q queue.queues := queue.authorize(name, CASE WHEN handler IS NULL AND alter_queue.search_path IS NULL
+                                                 THEN 'manage' ELSE 'own' END, true);
 BEGIN
     IF handler IS NOT NULL THEN
         IF q.notify THEN
             RAISE EXCEPTION 'queue "%" is a NOTIFY queue and has no handler', name
                 USING ERRCODE = 'invalid_parameter_value';
         END IF;
-        q.handler := queue.check_handler(handler);
+        q.handler := queue.check_handler(handler, q.owner);
     END IF;
+    IF alter_queue.search_path IS NOT NULL THEN
+        PERFORM queue.check_search_path(alter_queue.search_path);
+        q.search_path := alter_queue.search_path;
+    END IF;
+    q.max_payload_size := coalesce(alter_queue.max_payload_size, q.max_payload_size);
+    q.max_pending_jobs := coalesce(alter_queue.max_pending_jobs, q.max_pending_jobs);
+    PERFORM queue.check_limits(alter_queue.max_payload_size, alter_queue.max_pending_jobs);
     q.concurrency  := coalesce(alter_queue.concurrency, q.concurrency);
     q.max_attempts := coalesce(alter_queue.max_attempts, q.max_attempts);
     q.timeout      := coalesce(alter_queue.timeout, q.timeout);
@@ -197,19 +242,20 @@ BEGIN
            max_attempts = q.max_attempts, timeout = q.timeout, backoff_base = q.backoff_base,
            backoff_max = q.backoff_max, retention = q.retention,
            retention_succeeded = q.retention_succeeded, retention_failed = q.retention_failed,
-           retention_cancelled = q.retention_cancelled
+           retention_cancelled = q.retention_cancelled, search_path = q.search_path,
+           max_payload_size = q.max_payload_size, max_pending_jobs = q.max_pending_jobs
      WHERE queues.name = q.name;
 END
 $$;
-COMMENT ON FUNCTION queue.alter_queue(text, regprocedure, integer, integer, interval, interval, interval, interval, interval, interval, interval) IS
-    'Changes a queue''s settings; NULL arguments leave a setting unchanged. Jobs already enqueued keep their own max_attempts.';
+COMMENT ON FUNCTION queue.alter_queue(text, regprocedure, integer, integer, interval, interval, interval, interval, interval, interval, interval, text, integer, bigint) IS
+    'Changes a queue''s settings; NULL arguments leave a setting unchanged. Jobs already enqueued keep their own max_attempts. handler and search_path: owner only; the rest: owner or manage.';
 
 -- drop_queue: refuses while the queue has live jobs, unless force, which cancels them
 -- into history first (so nothing disappears without a trace).
 CREATE FUNCTION queue.drop_queue(name text, force boolean DEFAULT false)
-RETURNS void LANGUAGE plpgsql AS $$
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    q queue.queues := queue.lock_queue(name);
+    q queue.queues := queue.authorize(name, 'own', true);
     live bigint;
 BEGIN
     SELECT count(*) INTO live FROM queue.jobs WHERE jobs.queue = q.name;
@@ -229,31 +275,35 @@ BEGIN
         DELETE FROM queue.schedule_defs s WHERE s.queue = q.name;
     END IF;
     WITH d AS (DELETE FROM queue.jobs WHERE jobs.queue = q.name RETURNING *)
-    INSERT INTO queue.history (id, queue, state, payload, priority, run_at, attempts, max_attempts,
-                               timeout, created_at, started_at, finished_at, worker_pid, consumer, errors)
-    SELECT id, queue, 'cancelled', payload, priority, run_at, attempts, max_attempts, timeout,
-           created_at, started_at, clock_timestamp(), worker_pid, consumer,
+    INSERT INTO queue.history (id, queue, state, payload, enqueued_by, priority, run_at, attempts,
+                               max_attempts, timeout, created_at, started_at, finished_at, worker_pid,
+                               consumer, errors)
+    SELECT id, queue, 'cancelled', payload, enqueued_by, priority, run_at, attempts, max_attempts,
+           timeout, created_at, started_at, clock_timestamp(), worker_pid, consumer,
            errors || jsonb_build_object('attempt', attempts, 'at', clock_timestamp(),
                                         'message', 'queue dropped')
       FROM d;
+    DELETE FROM queue.queue_grants g WHERE g.queue = q.name;
     DELETE FROM queue.queues WHERE queues.name = q.name;
 END
 $$;
 COMMENT ON FUNCTION queue.drop_queue(text, boolean) IS
     'Drops a queue. Refuses while it has live jobs or schedules unless force => true, which cancels the jobs (kept in history) and removes the schedules.';
 
-CREATE FUNCTION queue.pause(queue text) RETURNS void LANGUAGE plpgsql AS $$
+CREATE FUNCTION queue.pause(queue text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    PERFORM queue.lock_queue(queue);
+    PERFORM queue.authorize(queue, 'manage', true);
     UPDATE queue.queues SET paused = true WHERE name = pause.queue;
 END
 $$;
 COMMENT ON FUNCTION queue.pause(text) IS
     'Stops claiming jobs from a queue; running jobs finish. Enqueueing still works.';
 
-CREATE FUNCTION queue.resume(queue text) RETURNS void LANGUAGE plpgsql AS $$
+CREATE FUNCTION queue.resume(queue text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    PERFORM queue.lock_queue(queue);
+    PERFORM queue.authorize(queue, 'manage', true);
     UPDATE queue.queues SET paused = false WHERE name = resume.queue;
     PERFORM queue.wake_executors(2147483647);
 END

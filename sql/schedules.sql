@@ -19,7 +19,7 @@ CREATE TABLE queue.schedule_defs (
     max_attempts     integer,
     timeout          interval,
     enabled          boolean     NOT NULL DEFAULT true,
-    owner            regrole     NOT NULL DEFAULT current_user::regrole,
+    owner            regrole     NOT NULL,    -- its creator: the launcher enqueues as this role
     created_at       timestamptz NOT NULL DEFAULT now(),
     last_plan_at     timestamptz NOT NULL,    -- every plan up to this one is done (fired or skipped)
     last_fired_at    timestamptz,             -- the plan time of the last job fired
@@ -33,13 +33,15 @@ CREATE TABLE queue.schedule_defs (
 CREATE INDEX schedule_defs_next_idx ON queue.schedule_defs (next_run_at) WHERE enabled;
 SELECT pg_catalog.pg_extension_config_dump('queue.schedule_defs', '');
 
--- One row per (schedule, plan time) handled: its job, or NULL when skipped (overlap).
+-- One row per (schedule, plan time) handled: its job, or NULL when skipped (overlap) or
+-- when the enqueue failed (error: e.g. its owner may no longer enqueue into the queue).
 -- The primary key makes firing a plan twice impossible, whatever crashed or restarted.
 -- Retention forgets rows older than a day (plans that old are behind last_plan_at).
 CREATE TABLE queue.schedule_runs (
     schedule  text        NOT NULL,
     plan_at   timestamptz NOT NULL,
     job       uuid,
+    error     text,
     fired_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
     PRIMARY KEY (schedule, plan_at)
 );
@@ -86,9 +88,10 @@ CREATE FUNCTION queue.schedule(
     priority        integer  DEFAULT 0,
     max_attempts    integer  DEFAULT NULL,
     timeout         interval DEFAULT NULL)
-RETURNS void LANGUAGE plpgsql AS $$
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     next_at timestamptz;
+    who oid := queue.caller();
 BEGIN
     IF name IS NULL OR name !~ '^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}$' THEN
         RAISE EXCEPTION 'invalid schedule name: %', coalesce(quote_literal(name), 'NULL')
@@ -97,19 +100,20 @@ BEGIN
     ELSIF payload IS NULL THEN
         RAISE EXCEPTION 'payload must not be NULL' USING ERRCODE = 'null_value_not_allowed';
     END IF;
-    PERFORM queue.lock_queue(queue);                          -- exists, and the caller administers it
+    -- The schedule enqueues as its owner, who must hold enqueue (checked again at each plan).
+    PERFORM queue.authorize(queue, 'enqueue');
     PERFORM queue.check_job_options(priority, max_attempts, timeout);
     next_at := queue.check_schedule(cron, time_zone, overlap, catch_up, catch_up_window, now());
     IF EXISTS (SELECT 1 FROM queue.schedule_defs s WHERE s.name = schedule.name
-                  AND NOT pg_has_role(current_user, s.owner, 'USAGE')) THEN
+                  AND NOT pg_has_role(who, s.owner, 'USAGE')) THEN
         RAISE EXCEPTION 'must be owner of schedule "%"', name USING ERRCODE = 'insufficient_privilege';
     END IF;
     -- Create or replace (as pg_cron's cron.schedule): a replaced schedule starts afresh now.
     INSERT INTO queue.schedule_defs AS s (name, cron, queue, payload, time_zone, overlap, catch_up,
-                                          catch_up_window, priority, max_attempts, timeout,
+                                          catch_up_window, priority, max_attempts, timeout, owner,
                                           last_plan_at, next_run_at)
     VALUES (name, cron, queue, payload, time_zone, overlap, catch_up, catch_up_window, priority,
-            max_attempts, timeout, now(), next_at)
+            max_attempts, timeout, who, now(), next_at)
     ON CONFLICT ON CONSTRAINT schedule_defs_pkey DO UPDATE
        SET cron = excluded.cron, queue = excluded.queue, payload = excluded.payload,
            time_zone = excluded.time_zone, overlap = excluded.overlap, catch_up = excluded.catch_up,
@@ -130,7 +134,7 @@ BEGIN
     SELECT * INTO s FROM queue.schedule_defs x WHERE x.name = schedule_name FOR UPDATE;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'schedule "%" does not exist', schedule_name USING ERRCODE = 'undefined_object';
-    ELSIF NOT pg_has_role(current_user, s.owner, 'USAGE') THEN
+    ELSIF NOT pg_has_role(queue.caller(), s.owner, 'USAGE') THEN
         RAISE EXCEPTION 'must be owner of schedule "%"', schedule_name USING ERRCODE = 'insufficient_privilege';
     END IF;
     RETURN s;
@@ -147,7 +151,7 @@ CREATE FUNCTION queue.alter_schedule(
     catch_up_window interval DEFAULT NULL,
     priority        integer  DEFAULT NULL,
     enabled         boolean  DEFAULT NULL)
-RETURNS void LANGUAGE plpgsql AS $$
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     s queue.schedule_defs := queue.lock_schedule(name);
 BEGIN
@@ -175,7 +179,8 @@ $$;
 COMMENT ON FUNCTION queue.alter_schedule(text, text, jsonb, text, text, text, interval, integer, boolean) IS
     'Changes a schedule; NULL leaves a setting unchanged. enabled => false stops it firing; enabled => true resumes it from now (no catch-up for the disabled time).';
 
-CREATE FUNCTION queue.unschedule(name text) RETURNS void LANGUAGE plpgsql AS $$
+CREATE FUNCTION queue.unschedule(name text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     s queue.schedule_defs := queue.lock_schedule(name);
 BEGIN
@@ -186,11 +191,24 @@ $$;
 COMMENT ON FUNCTION queue.unschedule(text) IS
     'Removes a schedule. Jobs it already enqueued stay.';
 
-CREATE VIEW queue.schedules AS
+-- schedules: shown to members of their owner, to roles that may read their queue, and to
+-- members of pg_monitor (without the payload).
+CREATE VIEW queue.schedules WITH (security_barrier) AS
 SELECT s.name, s.cron, s.time_zone, s.queue, s.enabled, s.overlap, s.catch_up,
        s.catch_up_window, s.last_fired_at, s.last_job, j.state AS last_job_state,
-       CASE WHEN s.enabled THEN s.next_run_at END AS next_run_at, s.payload, s.owner
+       CASE WHEN s.enabled THEN s.next_run_at END AS next_run_at,
+       CASE WHEN v.full_view THEN s.payload END AS payload, s.owner, r.error AS last_error
   FROM queue.schedule_defs s
-  LEFT JOIN LATERAL queue.status(s.last_job) j ON true;
+  CROSS JOIN LATERAL (
+      SELECT pg_catalog.pg_has_role(current_user, s.owner, 'USAGE')
+             OR EXISTS (SELECT 1 FROM queue.my_privileges() p WHERE p.queue = s.queue AND p.read)
+             AS full_view) v
+  LEFT JOIN LATERAL (SELECT a.state FROM queue.all_jobs a
+                      WHERE a.id = s.last_job
+                        AND (a.finished_at IS NULL
+                             OR a.finished_at >= queue.uuid_time(s.last_job) - interval '1 day')) j ON true
+  LEFT JOIN LATERAL (SELECT x.error FROM queue.schedule_runs x
+                      WHERE x.schedule = s.name ORDER BY x.plan_at DESC LIMIT 1) r ON true
+ WHERE v.full_view OR pg_catalog.pg_has_role(current_user, 'pg_monitor', 'USAGE');
 COMMENT ON VIEW queue.schedules IS
-    'Cron schedules with the plan time and state of their last job and their next run.';
+    'Cron schedules with the plan time and state of their last job, their next run, and the error of their last plan if it could not enqueue.';

@@ -21,7 +21,8 @@ CREATE TABLE queue.queues (
     -- block pg_upgrade (its OIDs are not preserved).
     handler       text,
     notify        boolean     NOT NULL DEFAULT false,
-    owner         regrole     NOT NULL DEFAULT current_user::regrole,
+    -- The role that created the queue (queue.caller() in create_queue): its handler runs as it.
+    owner         regrole     NOT NULL,
     concurrency   integer     NOT NULL,
     max_attempts  integer     NOT NULL,
     timeout       interval    NOT NULL,
@@ -32,6 +33,13 @@ CREATE TABLE queue.queues (
     retention_failed    interval,
     retention_cancelled interval,
     paused        boolean     NOT NULL DEFAULT false,
+    -- search_path pinned while the handler runs (README "Security and privileges").
+    search_path   text        NOT NULL DEFAULT '"$user", public',
+    -- Limits below the server's (queue.max_payload_size, queue.max_pending_jobs); NULL: the server's.
+    max_payload_size integer,
+    max_pending_jobs bigint,
+    -- Set by the launcher while the queue holds max_pending_jobs live jobs: enqueue refuses.
+    is_full       boolean     NOT NULL DEFAULT false,
     created_at    timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT queues_name_valid CHECK (name ~ '^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,62}$'),
     CONSTRAINT queues_one_handler CHECK ((handler IS NULL) = notify),
@@ -39,6 +47,7 @@ CREATE TABLE queue.queues (
     CONSTRAINT queues_max_attempts_positive CHECK (max_attempts > 0),
     CONSTRAINT queues_timeout_positive CHECK (timeout > interval '0'),
     CONSTRAINT queues_backoff_valid CHECK (backoff_base >= interval '0' AND backoff_max >= backoff_base),
+    CONSTRAINT queues_limits_positive CHECK (max_payload_size > 0 IS NOT FALSE AND max_pending_jobs > 0 IS NOT FALSE),
     CONSTRAINT queues_retention_positive CHECK (retention > interval '0'
         AND retention_succeeded > interval '0' IS NOT FALSE AND retention_failed > interval '0' IS NOT FALSE
         AND retention_cancelled > interval '0' IS NOT FALSE)
@@ -51,6 +60,7 @@ CREATE TABLE queue.jobs (
     queue             text        NOT NULL,
     state             queue.job_state NOT NULL,
     payload           jsonb       NOT NULL,
+    enqueued_by       regrole     NOT NULL,             -- who called enqueue (sees and may cancel the job)
     priority          integer     NOT NULL DEFAULT 0,   -- lower runs first
     run_at            timestamptz NOT NULL,
     attempts          integer     NOT NULL DEFAULT 0,   -- counted when claimed, before the handler runs
@@ -95,6 +105,7 @@ CREATE TABLE queue.history (
     queue         text        NOT NULL,
     state         queue.job_state NOT NULL,
     payload       jsonb       NOT NULL,
+    enqueued_by   regrole     NOT NULL,
     priority      integer     NOT NULL,
     run_at        timestamptz NOT NULL,
     attempts      integer     NOT NULL,

@@ -21,6 +21,17 @@ static SHUTDOWN_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5000);
 /// How often the launcher runs its maintenance duties (reaping, partitions).
 static MAINTENANCE_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 
+/// Largest payload `enqueue` accepts, in bytes (`pg_column_size` of the jsonb). A queue's
+/// `max_payload_size` may only be lower.
+static MAX_PAYLOAD_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
+/// Largest result a handler or `complete` may keep, in bytes.
+static MAX_RESULT_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
+/// Longest error message (and detail, hint) kept per failed attempt, in characters.
+static MAX_ERROR_LENGTH: GucSetting<i32> = GucSetting::<i32>::new(2048);
+/// Most live jobs a queue may hold before `enqueue` answers "queue full". A queue's
+/// `max_pending_jobs` may only be lower.
+static MAX_PENDING_JOBS: GucSetting<i32> = GucSetting::<i32>::new(10_000_000);
+
 /// Hard upper bound for `queue.max_workers`: the size of the shared executor registry.
 pub const MAX_EXECUTORS: usize = 64;
 /// Hard upper bound for `queue.batch_size`: more subtransactions per transaction than this
@@ -88,6 +99,54 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::UNIT_MS,
     );
+    init_limits();
+}
+
+/// Limits a superuser sets (PGC_SUSET: postgresql.conf, ALTER SYSTEM, or a superuser's
+/// SET); queues may set lower ones. Read by the SQL API with current_setting().
+fn init_limits() {
+    let limits: [(&std::ffi::CStr, &std::ffi::CStr, &GucSetting<i32>, i32, i32); 4] = [
+        (
+            c"queue.max_payload_size",
+            c"Largest job payload enqueue accepts, in bytes.",
+            &MAX_PAYLOAD_SIZE,
+            1,
+            i32::MAX,
+        ),
+        (
+            c"queue.max_result_size",
+            c"Largest job result kept, in bytes.",
+            &MAX_RESULT_SIZE,
+            1,
+            i32::MAX,
+        ),
+        (
+            c"queue.max_error_length",
+            c"Longest error text kept per failed attempt, in characters.",
+            &MAX_ERROR_LENGTH,
+            64,
+            1024 * 1024,
+        ),
+        (
+            c"queue.max_pending_jobs",
+            c"Most live jobs a queue may hold before enqueue refuses with queue full.",
+            &MAX_PENDING_JOBS,
+            1,
+            i32::MAX,
+        ),
+    ];
+    for (name, short, setting, min, max) in limits {
+        GucRegistry::define_int_guc(
+            name,
+            short,
+            c"A queue may set a lower limit of its own.",
+            setting,
+            min,
+            max,
+            GucContext::Suset,
+            GucFlags::default(),
+        );
+    }
 }
 
 /// Settings fixed at server start. Defining a PGC_POSTMASTER setting outside of
@@ -132,4 +191,16 @@ pub fn maintenance_interval() -> Duration {
 
 pub fn shutdown_timeout_ms() -> i64 {
     SHUTDOWN_TIMEOUT_MS.get().max(0) as i64
+}
+
+pub fn max_result_size() -> usize {
+    MAX_RESULT_SIZE.get().max(1) as usize
+}
+
+pub fn max_error_length() -> usize {
+    MAX_ERROR_LENGTH.get().max(64) as usize
+}
+
+pub fn max_pending_jobs() -> i64 {
+    MAX_PENDING_JOBS.get().max(1) as i64
 }

@@ -14,15 +14,20 @@
 //! - **launcher**: the static background worker that starts executors and runs maintenance.
 //! - **reap**: returning the jobs of an executor that died to `queued` (or `failed`).
 //!
+//! - **owner** (of a queue or schedule): the role that created it; handlers and schedules
+//!   run as it. **caller**: the role that called an API function (`queue.caller()`).
+//!
 //! Layout: `gucs` (settings), `shmem` (executor registry and wake-ups), `state` (the job
-//! state machine), `api` (SQL functions written in Rust; the rest of the API is SQL in
-//! `sql/`), `worker` (launcher, executor, reaper, retention).
+//! state machine), `security` (who called the API; the sandbox other roles' code runs in),
+//! `api` (SQL functions written in Rust; the rest of the API is SQL in `sql/`), `worker`
+//! (launcher, executor, reaper, retention).
 
 use pgrx::prelude::*;
 
 mod api;
 mod cron;
 mod gucs;
+mod security;
 mod shmem;
 mod state;
 mod worker;
@@ -31,9 +36,14 @@ mod worker;
 
 extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
 extension_sql_file!(
+    "../sql/privileges.sql",
+    name = "privileges",
+    requires = ["schema", security::api::caller]
+);
+extension_sql_file!(
     "../sql/queues.sql",
     name = "queues",
-    requires = ["schema", api::wake_executors]
+    requires = ["privileges", api::wake_executors]
 );
 extension_sql_file!(
     "../sql/jobs.sql",
@@ -55,6 +65,7 @@ extension_sql_file!(
     name = "schedules",
     requires = ["jobs", cron::cron_next]
 );
+extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 
 /// Called in every process that loads the library. Settings that can change at run time are
 /// defined everywhere; shared memory and the launcher only when preloaded.
@@ -62,6 +73,7 @@ extension_sql_file!(
 #[allow(non_snake_case)]
 pub extern "C-unwind" fn _PG_init() {
     gucs::init();
+    security::init();
     // SAFETY: read-only flag set by the postmaster while it loads preload libraries.
     if unsafe { !pg_sys::process_shared_preload_libraries_in_progress } {
         return;

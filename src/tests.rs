@@ -22,8 +22,7 @@ CREATE PROCEDURE tests.noop(payload jsonb) LANGUAGE plpgsql AS $$ BEGIN END $$;
 CREATE FUNCTION tests.two_args(payload jsonb, x int) RETURNS void LANGUAGE sql AS $$ SELECT $$;
 CREATE FUNCTION tests.text_arg(payload text) RETURNS void LANGUAGE sql AS $$ SELECT $$;
 "#,
-    name = "test_helpers",
-    finalize
+    name = "test_helpers"
 );
 
 #[pg_schema]
@@ -389,12 +388,12 @@ mod tests {
         create("inv");
         // The CHECK constraints hold even against direct writes.
         let cases = [
-            "INSERT INTO queue.jobs (id, queue, state, payload, run_at, max_attempts, created_at)
-             VALUES (gen_random_uuid(), 'inv', 'succeeded', '{}', now(), 1, now())",
-            "INSERT INTO queue.jobs (id, queue, state, payload, run_at, max_attempts, created_at)
-             VALUES (gen_random_uuid(), 'inv', 'running', '{}', now(), 1, now())",
-            "INSERT INTO queue.jobs (id, queue, state, payload, run_at, attempts, max_attempts, created_at)
-             VALUES (gen_random_uuid(), 'inv', 'queued', '{}', now(), 2, 1, now())",
+            "INSERT INTO queue.jobs (id, queue, state, payload, enqueued_by, run_at, max_attempts, created_at)
+             VALUES (gen_random_uuid(), 'inv', 'succeeded', '{}', 10, now(), 1, now())",
+            "INSERT INTO queue.jobs (id, queue, state, payload, enqueued_by, run_at, max_attempts, created_at)
+             VALUES (gen_random_uuid(), 'inv', 'running', '{}', 10, now(), 1, now())",
+            "INSERT INTO queue.jobs (id, queue, state, payload, enqueued_by, run_at, attempts, max_attempts, created_at)
+             VALUES (gen_random_uuid(), 'inv', 'queued', '{}', 10, now(), 2, 1, now())",
         ];
         for stmt in cases {
             assert_eq!(sqlstate(stmt).as_deref(), Some("23514"), "{stmt}");
@@ -828,9 +827,9 @@ mod tests {
             Some("22023")
         );
         Spi::run(
-            "INSERT INTO queue.history (id, queue, state, payload, priority, run_at, attempts, max_attempts,
-                                        created_at, finished_at, errors)
-             SELECT queue.uuid_generate_v7(), 'p', st, '{}', 0, now(), 1, 1, now() - interval '3 hours', f, '[]'
+            "INSERT INTO queue.history (id, queue, state, payload, enqueued_by, priority, run_at, attempts,
+                                        max_attempts, created_at, finished_at, errors)
+             SELECT queue.uuid_generate_v7(), 'p', st, '{}', current_user::regrole, 0, now(), 1, 1, now() - interval '3 hours', f, '[]'
                FROM unnest('{succeeded,failed,cancelled}'::queue.job_state[]) st,
                     unnest(ARRAY[now() - interval '2 hours', now()]) f",
         )
@@ -864,9 +863,9 @@ mod tests {
         Spi::run("SELECT queue.enqueue_many('st', array_fill('{}'::jsonb, ARRAY[2]))").unwrap();
         Spi::run("SELECT queue.enqueue('st', run_at => now() + interval '1 hour')").unwrap();
         Spi::run(
-            "INSERT INTO queue.history (id, queue, state, payload, priority, run_at, attempts, max_attempts,
-                                        created_at, finished_at, errors)
-             SELECT queue.uuid_generate_v7(), 'st', st, '{}', 0, now(), 1, 1, now() - interval '3 hours', f, '[]'
+            "INSERT INTO queue.history (id, queue, state, payload, enqueued_by, priority, run_at, attempts,
+                                        max_attempts, created_at, finished_at, errors)
+             SELECT queue.uuid_generate_v7(), 'st', st, '{}', current_user::regrole, 0, now(), 1, 1, now() - interval '3 hours', f, '[]'
                FROM (VALUES ('succeeded'::queue.job_state, now()), ('succeeded', now()),
                             ('failed', now()), ('succeeded', now() - interval '2 hours')) v(st, f)",
         )

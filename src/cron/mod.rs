@@ -5,9 +5,14 @@
 //! `queue.schedule_runs` (primary key) and enqueuing its job in the same transaction that
 //! advances the schedule's `last_plan_at`. A crash before the commit fires nothing; the
 //! plan is then still due and fires after the restart, once.
+//!
+//! A schedule enqueues as its owner (security::sandbox), through `queue.enqueue`, which
+//! checks that the owner may still enqueue into the queue: a plan whose enqueue fails
+//! (privilege revoked, queue full or dropped) is recorded with the error and no job.
 
 pub mod plan;
 
+use crate::security::sandbox;
 use crate::worker::{subtransaction, SqlError};
 use chrono::{DateTime, Duration, Utc};
 use pgrx::datum::TimestampWithTimeZone;
@@ -66,27 +71,31 @@ extension_sql!(
 const DUE_SQL: &str = "
 SELECT s.name, s.cron, s.time_zone, s.overlap, s.catch_up,
        extract(epoch FROM s.catch_up_window)::float8, s.last_plan_at, clock_timestamp(),
-       EXISTS (SELECT 1 FROM queue.jobs j WHERE j.id = s.last_job)
+       EXISTS (SELECT 1 FROM queue.jobs j WHERE j.id = s.last_job), s.owner::oid
   FROM queue.schedule_defs s
  WHERE s.enabled AND s.next_run_at <= clock_timestamp()
  ORDER BY s.next_run_at
  LIMIT $1
    FOR UPDATE SKIP LOCKED";
 
-/// Fires one plan: enqueues its job and inserts its run row in one statement. Returns the
-/// job id, or no row when the plan was already handled. Should two passes race past the
-/// NOT EXISTS, the primary key fails the second statement and its enqueue rolls back.
-const FIRE_SQL: &str = "
-WITH job AS (
-    SELECT queue.enqueue(s.queue, s.payload, priority => s.priority,
-                         max_attempts => s.max_attempts, timeout => s.timeout) AS id
-      FROM queue.schedule_defs s
-     WHERE s.name = $1
-       AND NOT EXISTS (SELECT 1 FROM queue.schedule_runs r WHERE r.schedule = $1 AND r.plan_at = $2)
-)
-INSERT INTO queue.schedule_runs (schedule, plan_at, job)
-SELECT $1, $2, id FROM job
-RETURNING job";
+/// Whether a plan was handled already (fired or skipped).
+const HANDLED_SQL: &str =
+    "SELECT EXISTS (SELECT 1 FROM queue.schedule_runs WHERE schedule = $1 AND plan_at = $2)";
+
+/// A plan's job, enqueued as the schedule's owner (so with the owner's privileges: the
+/// schedule's row is read by the launcher beforehand, as the owner may not read it).
+const ENQUEUE_SQL: &str = "
+SELECT queue.enqueue($1, $2::jsonb, priority => $3, max_attempts => $4, timeout => $5::interval)";
+
+/// The schedule's settings its jobs are enqueued with.
+const JOB_SQL: &str = "
+SELECT queue, payload::text, priority, max_attempts, timeout::text
+  FROM queue.schedule_defs WHERE name = $1";
+
+/// Records a handled plan: its job, or the error that kept it from enqueuing. Should two
+/// passes race, the primary key fails the second and its enqueue rolls back with it.
+const RUN_SQL: &str =
+    "INSERT INTO queue.schedule_runs (schedule, plan_at, job, error) VALUES ($1, $2, $3, $4)";
 
 /// Records a plan skipped because the previous job was still live (overlap => 'skip').
 const SKIP_SQL: &str =
@@ -108,6 +117,7 @@ struct Due {
     last: DateTime<Utc>,
     now: DateTime<Utc>,
     previous_live: bool,
+    owner: pg_sys::Oid,
 }
 
 /// Fires every due schedule. Must run in a transaction; each schedule in a subtransaction,
@@ -142,6 +152,7 @@ pub fn fire_due() -> Result<i64, SqlError> {
                 last,
                 now,
                 previous_live: row.get::<bool>(9)?.unwrap_or(false),
+                owner: row.get::<pg_sys::Oid>(10)?.unwrap_or(pg_sys::Oid::INVALID),
             });
         }
         Ok(())
@@ -157,6 +168,51 @@ pub fn fire_due() -> Result<i64, SqlError> {
         }
     }
     Ok(fired)
+}
+
+/// Fires plan `at` of schedule `d` unless it was handled already: enqueues its job as the
+/// schedule's owner and records the run. Returns the job, None when the plan was handled
+/// before or its enqueue failed (then the run carries the error).
+fn fire_plan(d: &Due, at: Option<TimestampWithTimeZone>) -> Result<Option<pgrx::Uuid>, SqlError> {
+    let name = d.name.as_str();
+    if Spi::get_one_with_args::<bool>(HANDLED_SQL, &[name.into(), at.into()])? == Some(true) {
+        return Ok(None);
+    }
+    let (queue, payload, priority, max_attempts, timeout) = Spi::connect(|client| {
+        let row = client.select(JOB_SQL, Some(1), &[name.into()])?.first();
+        Ok::<_, SqlError>((
+            row.get::<String>(1)?,
+            row.get::<String>(2)?,
+            row.get::<i32>(3)?,
+            row.get::<i32>(4)?,
+            row.get::<String>(5)?,
+        ))
+    })?;
+    let owner = d.owner;
+    let enqueued = subtransaction(move || {
+        let entered = sandbox::enter(owner, None);
+        let job = Spi::get_one_with_args::<pgrx::Uuid>(
+            ENQUEUE_SQL,
+            &[
+                queue.into(),
+                payload.into(),
+                priority.into(),
+                max_attempts.into(),
+                timeout.into(),
+            ],
+        );
+        sandbox::leave(entered);
+        job.unwrap_or_else(|e| pgrx::error!("{e}"))
+    });
+    let (job, error) = match enqueued {
+        Ok(job) => (job, None),
+        Err(e) => {
+            log!("pg_queue launcher: schedule \"{name}\" could not enqueue: {e}");
+            (None, Some(e.to_string()))
+        }
+    };
+    Spi::run_with_args(RUN_SQL, &[name.into(), at.into(), job.into(), error.into()])?;
+    Ok(job)
 }
 
 /// Handles the due plans of one schedule; returns how many jobs it enqueued.
@@ -191,9 +247,7 @@ fn fire_one(d: &Due) -> Result<i64, SqlError> {
             Spi::run_with_args(SKIP_SQL, &[d.name.as_str().into(), at.into()])?;
             continue;
         }
-        if let Some(job) =
-            Spi::get_one_with_args::<pgrx::Uuid>(FIRE_SQL, &[d.name.as_str().into(), at.into()])?
-        {
+        if let Some(job) = fire_plan(d, at)? {
             last_job = Some(job);
             last_fired = at;
             fired += 1;

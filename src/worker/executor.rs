@@ -8,6 +8,7 @@
 //! runs: a crash leaves the job `running` under a dead owner, and the reaper recovers it.
 
 use super::{kept, transaction, SqlError};
+use crate::security::sandbox;
 use crate::{gucs, shmem};
 use pgrx::bgworkers::BackgroundWorker;
 use pgrx::pg_sys::BuiltinOid::{INT4OID, TEXTARRAYOID, TEXTOID, UUIDARRAYOID, UUIDOID};
@@ -40,10 +41,13 @@ pub fn current_job() -> Option<CurrentJob> {
 #[derive(Clone)]
 struct Handler {
     /// `CALL s.p($1::jsonb)`, `SELECT s.f($1::jsonb)::text` (jsonb result kept) or
-    /// `SELECT s.f($1::jsonb)`; None when the handler no longer exists.
-    call_sql: Option<String>,
+    /// `SELECT s.f($1::jsonb)`; Err says why the handler cannot run (it, or the queue's
+    /// owner, no longer exists).
+    call: Result<String, SqlError>,
     keeps_result: bool,
+    /// The queue's owner: the handler runs as this role (security::sandbox).
     owner: pg_sys::Oid,
+    search_path: String,
 }
 
 /// A job claimed by this executor and not yet recorded.
@@ -88,6 +92,7 @@ pub extern "C-unwind" fn pg_queue_executor_main(arg: pg_sys::Datum) {
     let dboid: u32 = BackgroundWorker::get_extra().parse().unwrap_or(0);
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(dboid)), None);
     super::report_appname(c"pg_queue executor");
+    super::pin_search_path();
 
     let id = uuid::Uuid::new_v4();
     if !shmem::register_executor(slot, id) {
@@ -299,14 +304,9 @@ fn run_job(job: &Claimed, slot: usize) -> Outcome {
         ),
         true,
     );
-    let result = match &job.handler.call_sql {
-        None => Err(SqlError {
-            sqlstate: "42883".into(),
-            message: format!("handler of queue \"{}\" does not exist", job.queue),
-            detail: None,
-            hint: Some("Fix it with queue.alter_queue(name, handler => ...).".into()),
-        }),
-        Some(sql) => call_handler(sql, job),
+    let result = match &job.handler.call {
+        Err(why) => Err(why.clone()),
+        Ok(sql) => call_handler(sql, job),
     };
     CURRENT_JOB.set(None);
     match result {
@@ -314,7 +314,11 @@ fn run_job(job: &Claimed, slot: usize) -> Outcome {
         Err(e) if e.sqlstate == "57014" && shmem::cancel_requested(slot, id) => {
             cancelled(job.attempt)
         }
-        Err(e) => {
+        Err(mut e) => {
+            if e.sqlstate == "57014" && super::handler_timed_out() {
+                // The handler caught its timeout's cancel and was cancelled again.
+                e.message = "canceling statement due to statement timeout".into();
+            }
             let retry = job.attempt < job.max_attempts;
             log!(
                 "pg_queue: job {id} (queue {}, attempt {}/{}) failed: {e}{}",
@@ -337,58 +341,73 @@ fn run_job(job: &Claimed, slot: usize) -> Outcome {
     }
 }
 
-/// Calls the handler as the queue owner, under the job's timeout, in a subtransaction.
+/// Calls the handler as the queue owner in a security-restricted operation
+/// (security::sandbox), under the job's timeout, in a subtransaction: its writes roll
+/// back unless it succeeds within its timeout with a result of allowed size.
 fn call_handler(sql: &str, job: &Claimed) -> Result<Option<String>, SqlError> {
-    let owner = job.handler.owner;
-    let keeps_result = job.handler.keeps_result;
+    let handler = &job.handler;
     let timeout_ms = job.timeout_ms;
     let payload = job.payload.as_str();
     let r = super::subtransaction(move || {
-        // The subtransaction's abort restores the user on error; success restores below.
-        let (mut user, mut sec) = (pg_sys::Oid::INVALID, 0);
-        // SAFETY: plain reads/writes of this backend's user id and security context.
-        unsafe {
-            pg_sys::GetUserIdAndSecContext(&mut user, &mut sec);
-            pg_sys::SetUserIdAndSecContext(
-                owner,
-                sec | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
-            );
-        }
+        let entered = sandbox::enter(handler.owner, Some(&handler.search_path));
         super::enter_handler(timeout_ms);
         let r = Spi::connect_mut(|client| -> Result<Option<String>, SqlError> {
             let plan = kept(client, sql, &[BuiltIn(TEXTOID)])?;
             let out = client.update(&*plan, None, &[payload.into()])?;
-            Ok(if keeps_result {
+            Ok(if handler.keeps_result {
                 out.first().get_one::<String>()?
             } else {
                 None
             })
         });
         super::leave_handler();
-        // SAFETY: as above.
-        unsafe { pg_sys::SetUserIdAndSecContext(user, sec) };
-        r
-    });
-    match r {
-        Ok(r) => Ok(r?),
-        Err(e) => {
-            super::leave_handler(); // the ERROR skipped the call above
-            Err(e)
+        sandbox::leave(entered);
+        // Any failure from here on is an ERROR, so the subtransaction rolls back.
+        let result = r.unwrap_or_else(|e| pgrx::error!("{e}"));
+        if super::handler_timed_out() {
+            // It returned, but past its timeout (it caught the cancel): not a success.
+            ereport!(
+                PgLogLevel::ERROR,
+                PgSqlErrorCode::ERRCODE_QUERY_CANCELED,
+                "canceling statement due to statement timeout"
+            );
         }
+        if let Some(text) = &result {
+            if text.len() > gucs::max_result_size() {
+                ereport!(
+                    PgLogLevel::ERROR,
+                    PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+                    format!("result too large: {} bytes", text.len()),
+                    format!(
+                        "Results may be at most {} bytes (queue.max_result_size).",
+                        gucs::max_result_size()
+                    )
+                );
+            }
+        }
+        result
+    });
+    if r.is_err() {
+        super::leave_handler(); // the ERROR skipped the call above
     }
+    // Cursors and session locks outlive a subtransaction: drop what the handler left.
+    sandbox::clear_residue();
+    r
 }
 
-/// One element of a job's `errors` array (the database adds the time).
+/// One element of a job's `errors` array (the database adds the time). Texts are cut to
+/// `queue.max_error_length` characters.
 fn error_json(e: &SqlError, attempt: i32) -> String {
+    let cut = |t: &str| -> String { t.chars().take(gucs::max_error_length()).collect() };
     let mut o = serde_json::Map::new();
     o.insert("attempt".into(), attempt.into());
     o.insert("sqlstate".into(), e.sqlstate.clone().into());
-    o.insert("message".into(), e.message.clone().into());
+    o.insert("message".into(), cut(&e.message).into());
     if let Some(d) = &e.detail {
-        o.insert("detail".into(), d.clone().into());
+        o.insert("detail".into(), cut(d).into());
     }
     if let Some(h) = &e.hint {
-        o.insert("hint".into(), h.clone().into());
+        o.insert("hint".into(), cut(h).into());
     }
     // SAFETY: MyProcPid is this process's pid.
     o.insert("worker_pid".into(), unsafe { pg_sys::MyProcPid }.into());
@@ -428,10 +447,10 @@ WITH o AS (
        AND o.state <> 'queued' AND j.id = o.id AND j.state = 'running' AND j.lease_token = o.token
     RETURNING j.*, o.state AS new_state, o.result AS new_result, o.error AS new_error
 ), moved AS (
-    INSERT INTO queue.history (id, queue, state, payload, priority, run_at, attempts, max_attempts,
-                               timeout, created_at, started_at, finished_at, worker_pid, result,
-                               errors)
-    SELECT id, queue, new_state, payload, priority, run_at, attempts, max_attempts, timeout,
+    INSERT INTO queue.history (id, queue, state, payload, enqueued_by, priority, run_at, attempts,
+                               max_attempts, timeout, created_at, started_at, finished_at, worker_pid,
+                               result, errors)
+    SELECT id, queue, new_state, payload, enqueued_by, priority, run_at, attempts, max_attempts, timeout,
            created_at, started_at, clock_timestamp(), worker_pid, new_result,
            CASE WHEN new_error IS NULL THEN errors
                 ELSE errors || (new_error || jsonb_build_object('at', clock_timestamp())) END
@@ -487,7 +506,8 @@ fn record(client: &mut SpiClient<'_>, outcomes: &[Outcome]) -> Result<(), SqlErr
     Ok(())
 }
 
-/// Queues with ready jobs that executors serve, with how to call their handlers.
+/// Queues with ready jobs that executors serve, with how to call their handlers and as
+/// whom (the owner, if that role still exists).
 const READY_QUEUES_SQL: &str = "
 SELECT q.name, q.concurrency, q.owner::oid,
        (extract(epoch FROM q.timeout) * 1000)::int4,
@@ -495,7 +515,8 @@ SELECT q.name, q.concurrency, q.owner::oid,
             WHEN p.prokind = 'p' THEN format('CALL %I.%I($1::jsonb)', n.nspname, p.proname)
             WHEN p.prorettype = 'jsonb'::regtype THEN format('SELECT %I.%I($1::jsonb)::text', n.nspname, p.proname)
             ELSE format('SELECT %I.%I($1::jsonb)', n.nspname, p.proname) END,
-       p.prokind = 'f' AND p.prorettype = 'jsonb'::regtype
+       p.prokind = 'f' AND p.prorettype = 'jsonb'::regtype,
+       q.search_path, EXISTS (SELECT 1 FROM pg_authid r WHERE r.oid = q.owner)
   FROM queue.queues q
   LEFT JOIN pg_proc p ON p.oid = to_regprocedure(q.handler)
   LEFT JOIN pg_namespace n ON n.oid = p.pronamespace
@@ -598,14 +619,32 @@ fn ready_queues(client: &mut SpiClient<'_>) -> Result<Vec<ReadyQueue>, SqlError>
     for row in client.update(&*ready, None, &[])? {
         let name: Option<String> = row.get(1)?;
         let Some(name) = name else { continue };
+        let call = match (row.get::<String>(5)?, row.get::<bool>(8)?) {
+            (_, Some(false) | None) => Err(SqlError {
+                sqlstate: "42704".into(),
+                message: format!("owner of queue \"{name}\" no longer exists"),
+                detail: None,
+                hint: Some(
+                    "Its handler runs as its owner: drop the queue and create it again.".into(),
+                ),
+            }),
+            (None, _) => Err(SqlError {
+                sqlstate: "42883".into(),
+                message: format!("handler of queue \"{name}\" does not exist"),
+                detail: None,
+                hint: Some("Fix it with queue.alter_queue(name, handler => ...).".into()),
+            }),
+            (Some(sql), _) => Ok(sql),
+        };
         queues.push(ReadyQueue {
-            name,
             concurrency: row.get::<i32>(2)?.unwrap_or(1),
             handler: Handler {
                 owner: row.get::<pg_sys::Oid>(3)?.unwrap_or(pg_sys::Oid::INVALID),
-                call_sql: row.get::<String>(5)?,
+                call,
                 keeps_result: row.get::<bool>(6)?.unwrap_or(false),
+                search_path: row.get::<String>(7)?.unwrap_or_default(),
             },
+            name,
             timeout_ms: row.get::<i32>(4)?.unwrap_or(300_000),
         });
     }

@@ -42,6 +42,7 @@ pub extern "C-unwind" fn pg_queue_launcher_main(_arg: pg_sys::Datum) {
     let database = gucs::database();
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
     super::report_appname(c"pg_queue launcher");
+    super::pin_search_path();
     log!("pg_queue launcher started (database \"{database}\")");
 
     let mut last_partitions: Option<Instant> = None;
@@ -65,6 +66,7 @@ pub extern "C-unwind" fn pg_queue_launcher_main(_arg: pg_sys::Datum) {
                     last_partitions = Some(Instant::now());
                 }
                 forget_dead_executors();
+                mark_full_queues();
                 if ticks.is_multiple_of(RETENTION_EVERY_TICKS) {
                     apply_retention();
                 }
@@ -101,6 +103,22 @@ pub extern "C-unwind" fn pg_queue_launcher_main(_arg: pg_sys::Datum) {
         if !BackgroundWorker::wait_latch(Some(sleep)) {
             break;
         }
+    }
+}
+
+/// Marks queues at their pending-jobs limit full (and clears the mark), logging changes.
+fn mark_full_queues() {
+    match transaction(maintenance::mark_full_queues) {
+        Ok(Ok(changed)) => {
+            for (queue, full) in changed {
+                if full {
+                    log!("pg_queue launcher: queue \"{queue}\" is full: enqueue refuses until its jobs drain");
+                } else {
+                    log!("pg_queue launcher: queue \"{queue}\" accepts jobs again");
+                }
+            }
+        }
+        Ok(Err(e)) | Err(e) => log!("pg_queue launcher: checking queue limits failed: {e}"),
     }
 }
 

@@ -49,10 +49,10 @@ WITH dead AS (
      WHERE j.id = dead.id AND j.attempts >= j.max_attempts
     RETURNING j.*, dead.message
 ), history AS (
-    INSERT INTO queue.history (id, queue, state, payload, priority, run_at, attempts, max_attempts,
-                               timeout, created_at, started_at, finished_at, worker_pid, consumer,
-                               errors)
-    SELECT id, queue, 'failed', payload, priority, run_at, attempts, max_attempts, timeout,
+    INSERT INTO queue.history (id, queue, state, payload, enqueued_by, priority, run_at, attempts,
+                               max_attempts, timeout, created_at, started_at, finished_at, worker_pid,
+                               consumer, errors)
+    SELECT id, queue, 'failed', payload, enqueued_by, priority, run_at, attempts, max_attempts, timeout,
            created_at, started_at, clock_timestamp(), worker_pid, consumer,
            errors || jsonb_build_object('attempt', attempts, 'at', clock_timestamp(),
                                         'sqlstate', 'XX000', 'message', message,
@@ -154,4 +154,46 @@ pub fn create_partitions() -> Result<i32, SqlError> {
     Spi::get_one::<i32>("SELECT queue.create_history_partitions(3)")
         .map(|n| n.unwrap_or(0))
         .map_err(SqlError::from)
+}
+
+/// Marks the queues that hold their `max_pending_jobs` live jobs (the queue's limit, or the
+/// server's `queue.max_pending_jobs` = $1) full, so that `enqueue` refuses with 54000, and
+/// clears the mark once they drained below it. Counting a queue stops at its limit, and is
+/// skipped altogether while no queue is marked and `queue.jobs` holds fewer rows (by its
+/// statistics) than the smallest limit: the common case costs two catalog reads.
+const MARK_FULL_SQL: &str = "
+WITH lim AS (
+    SELECT q.name, least(coalesce(q.max_pending_jobs, $1), $1) AS n, q.is_full FROM queue.queues q
+), need AS (
+    SELECT bool_or(l.is_full)
+           OR greatest(pg_stat_get_live_tuples('queue.jobs'::regclass),
+                       (SELECT c.reltuples::bigint FROM pg_class c WHERE c.oid = 'queue.jobs'::regclass))
+              >= min(l.n) AS yes
+      FROM lim l
+), counted AS (
+    SELECT l.name,
+           (SELECT count(*) FROM (SELECT 1 FROM queue.jobs j WHERE j.queue = l.name LIMIT l.n) x) >= l.n AS at_limit
+      FROM lim l
+     WHERE (SELECT yes FROM need)
+)
+UPDATE queue.queues q SET is_full = c.at_limit
+  FROM counted c
+ WHERE q.name = c.name AND q.is_full IS DISTINCT FROM c.at_limit
+RETURNING q.name, q.is_full";
+
+/// Runs MARK_FULL_SQL; returns the queues whose mark changed, with the new mark.
+pub fn mark_full_queues() -> Result<Vec<(String, bool)>, SqlError> {
+    Spi::connect_mut(|client| {
+        let mut changed = Vec::new();
+        for row in client.update(
+            MARK_FULL_SQL,
+            None,
+            &[crate::gucs::max_pending_jobs().into()],
+        )? {
+            if let (Some(name), Some(full)) = (row.get::<String>(1)?, row.get::<bool>(2)?) {
+                changed.push((name, full));
+            }
+        }
+        Ok(changed)
+    })
 }

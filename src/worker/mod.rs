@@ -41,8 +41,8 @@ const STATEMENT_TIMEOUT: std::ffi::c_int = 3;
 const USER_TIMEOUT: std::ffi::c_int = 12;
 #[cfg(any(feature = "pg17", feature = "pg18"))]
 const USER_TIMEOUT: std::ffi::c_int = 13;
-/// While a handler runs, the shutdown check fires this often.
-const SHUTDOWN_CHECK_MS: std::ffi::c_int = 100;
+/// While a handler runs, the handler check (shutdown, timeout) fires this often.
+const HANDLER_CHECK_MS: std::ffi::c_int = 100;
 
 /// An ERROR caught from SQL: what is recorded in a job's `errors`.
 #[derive(Debug, Clone)]
@@ -158,20 +158,33 @@ pub fn subtransaction<R>(f: impl FnOnce() -> R + UnwindSafe) -> Result<R, SqlErr
 
 /// A job's handler starts: arms the statement timeout for `ms` milliseconds (when it fires,
 /// the handler fails with 57014 "canceling statement due to statement timeout"), lets SIGINT
-/// in, and starts the periodic shutdown check.
+/// in, and starts the periodic handler check. The timeout cannot be lifted from inside:
+/// it is not the statement_timeout setting, a handler that catches the cancel is
+/// cancelled again every HANDLER_CHECK_MS, one that returns late has its attempt failed,
+/// and one still running `queue.shutdown_timeout` after its timeout ends the executor
+/// (its batch is then reaped, the attempt counted).
 pub fn enter_handler(ms: i32) {
     IN_HANDLER.store(true, Ordering::SeqCst);
     SHUTDOWN_GRACE_US.store(crate::gucs::shutdown_timeout_ms() * 1000, Ordering::SeqCst);
     // SAFETY: InitPostgres registered STATEMENT_TIMEOUT's handler in every backend; the
-    // shutdown check's id was registered by attach_executor_signal_handlers.
+    // handler check's id was registered by attach_executor_signal_handlers.
     unsafe {
+        let now = pg_sys::GetCurrentTimestamp();
+        HANDLER_DEADLINE.store(now + ms.max(1) as i64 * 1000, Ordering::SeqCst);
         enable_timeout_after(STATEMENT_TIMEOUT, ms.max(1));
-        let check = SHUTDOWN_CHECK_ID.load(Ordering::Relaxed);
+        let check = HANDLER_CHECK_ID.load(Ordering::Relaxed);
         if check >= 0 {
-            let first = pg_sys::GetCurrentTimestamp() + SHUTDOWN_CHECK_MS as i64 * 1000;
-            enable_timeout_every(check, first, SHUTDOWN_CHECK_MS);
+            let first = now + HANDLER_CHECK_MS as i64 * 1000;
+            enable_timeout_every(check, first, HANDLER_CHECK_MS);
         }
     }
+}
+
+/// Whether the running (or just finished) handler went past its timeout.
+pub fn handler_timed_out() -> bool {
+    let deadline = HANDLER_DEADLINE.load(Ordering::SeqCst);
+    // SAFETY: reads the clock.
+    deadline != 0 && unsafe { pg_sys::GetCurrentTimestamp() } >= deadline
 }
 
 /// The handler ended: undoes `enter_handler` and forgets a cancel that arrived for it, so it
@@ -181,7 +194,7 @@ pub fn leave_handler() {
     // SAFETY: disabling an unarmed timeout is a no-op; the flags are this process's own.
     unsafe {
         disable_timeout(STATEMENT_TIMEOUT, false);
-        let check = SHUTDOWN_CHECK_ID.load(Ordering::Relaxed);
+        let check = HANDLER_CHECK_ID.load(Ordering::Relaxed);
         if check >= 0 {
             disable_timeout(check, false);
         }
@@ -199,8 +212,11 @@ static SHUTDOWN_REQUESTED_AT: AtomicI64 = AtomicI64::new(0);
 /// `queue.shutdown_timeout` in microseconds, copied when a handler starts (signal handlers
 /// read only atomics).
 static SHUTDOWN_GRACE_US: AtomicI64 = AtomicI64::new(0);
-/// The timeout id of `shutdown_check`, registered at executor start (-1: none).
-static SHUTDOWN_CHECK_ID: AtomicI32 = AtomicI32::new(-1);
+/// The timeout id of `handler_check`, registered at executor start (-1: none).
+static HANDLER_CHECK_ID: AtomicI32 = AtomicI32::new(-1);
+/// When the running handler's timeout expires (a TimestampTz); kept after the handler
+/// returns, until the next starts, so that a late return can be told.
+static HANDLER_DEADLINE: AtomicI64 = AtomicI64::new(0);
 
 /// Whether this executor was asked to stop (SIGTERM).
 pub fn shutdown_requested() -> bool {
@@ -208,7 +224,7 @@ pub fn shutdown_requested() -> bool {
 }
 
 /// Executor SIGTERM handler: note the time and wake the loop. The running handler may go
-/// on for `queue.shutdown_timeout` (see shutdown_check).
+/// on for `queue.shutdown_timeout` (see handler_check).
 unsafe extern "C-unwind" fn on_sigterm(_signal: std::ffi::c_int) {
     // SAFETY: async-signal-safe: atomics, gettimeofday, SetLatch; errno preserved.
     unsafe {
@@ -224,18 +240,26 @@ unsafe extern "C-unwind" fn on_sigterm(_signal: std::ffi::c_int) {
     }
 }
 
-/// Timeout handler, every SHUTDOWN_CHECK_MS while a handler runs: once the grace period
-/// after SIGTERM is over, make the next CHECK_FOR_INTERRUPTS end the process (as `die`).
-unsafe extern "C-unwind" fn shutdown_check() {
-    let at = SHUTDOWN_REQUESTED_AT.load(Ordering::SeqCst);
+/// Timeout handler, every HANDLER_CHECK_MS while a handler runs: past the handler's
+/// timeout, cancel it again (it may have caught the first cancel); once the grace period
+/// after SIGTERM or after the timeout is over, make the next CHECK_FOR_INTERRUPTS end the
+/// process (as `die`).
+unsafe extern "C-unwind" fn handler_check() {
+    let stop_at = SHUTDOWN_REQUESTED_AT.load(Ordering::SeqCst);
+    let deadline = HANDLER_DEADLINE.load(Ordering::SeqCst);
+    let grace = SHUTDOWN_GRACE_US.load(Ordering::SeqCst);
     // SAFETY: called from the SIGALRM handler; flag writes and SetLatch only.
     unsafe {
-        if at != 0 && pg_sys::GetCurrentTimestamp() - at >= SHUTDOWN_GRACE_US.load(Ordering::SeqCst)
-        {
+        let now = pg_sys::GetCurrentTimestamp();
+        if deadline != 0 && now >= deadline && IN_HANDLER.load(Ordering::SeqCst) {
+            pg_sys::QueryCancelPending = 1;
+            pg_sys::InterruptPending = 1;
+        }
+        if (stop_at != 0 && now - stop_at >= grace) || (deadline != 0 && now - deadline >= grace) {
             pg_sys::ProcDiePending = 1;
             pg_sys::InterruptPending = 1;
-            pg_sys::SetLatch(pg_sys::MyLatch);
         }
+        pg_sys::SetLatch(pg_sys::MyLatch);
     }
 }
 
@@ -253,15 +277,15 @@ unsafe extern "C-unwind" fn on_sigint(_signal: std::ffi::c_int) {
     }
 }
 
-/// Executors: SIGTERM asks for a graceful stop (`on_sigterm`, `shutdown_check`), SIGINT
+/// Executors: SIGTERM asks for a graceful stop (`on_sigterm`, `handler_check`), SIGINT
 /// interrupts only handlers, SIGHUP reloads settings.
 pub fn attach_executor_signal_handlers() {
     attach_signal_handlers();
     // SAFETY: on_sigterm is async-signal-safe; RegisterTimeout runs once, at start.
     unsafe {
         pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(on_sigterm));
-        SHUTDOWN_CHECK_ID.store(
-            RegisterTimeout(USER_TIMEOUT, Some(shutdown_check)),
+        HANDLER_CHECK_ID.store(
+            RegisterTimeout(USER_TIMEOUT, Some(handler_check)),
             Ordering::Relaxed,
         );
     }
@@ -277,6 +301,21 @@ pub fn attach_signal_handlers() {
     unsafe {
         pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(pg_die));
         pg_sys::pqsignal(pg_sys::SIGINT as i32, Some(on_sigint));
+    }
+}
+
+/// Pins this worker's search_path: its own statements name every object of pg_queue
+/// with its schema, and nothing a user created elsewhere may stand in for a built-in
+/// function or operator. Handlers get their queue's search_path (security::sandbox).
+pub fn pin_search_path() {
+    // SAFETY: a session-level setting of this process, set at start outside transactions.
+    unsafe {
+        pg_sys::SetConfigOption(
+            c"search_path".as_ptr(),
+            c"pg_catalog, pg_temp".as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+        );
     }
 }
 
