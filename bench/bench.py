@@ -42,11 +42,11 @@ CREATE TABLE floor_jobs (LIKE queue.jobs INCLUDING ALL);
 CREATE TABLE floor_history (LIKE queue.history INCLUDING ALL);
 """
 
-FLOOR_INSERT = """INSERT INTO floor_jobs (id, queue, state, payload, priority, run_at, max_attempts, created_at)
-VALUES (queue.uuid_generate_v7(), 'floor', 'queued', '{"i": 1}', 0, now(), 5, now());"""
+FLOOR_INSERT = """INSERT INTO floor_jobs (id, queue, state, payload, enqueued_by, priority, run_at, max_attempts, created_at)
+VALUES (queue.uuid_generate_v7(), 'floor', 'queued', '{"i": 1}', 'postgres', 0, now(), 5, now());"""
 
-FLOOR_FILL = """INSERT INTO floor_jobs (id, queue, state, payload, priority, run_at, max_attempts, created_at)
-SELECT queue.uuid_generate_v7(), 'floor', 'queued', jsonb_build_object('i', i), 0, now(), 5, now()
+FLOOR_FILL = """INSERT INTO floor_jobs (id, queue, state, payload, enqueued_by, priority, run_at, max_attempts, created_at)
+SELECT queue.uuid_generate_v7(), 'floor', 'queued', jsonb_build_object('i', i), 'postgres', 0, now(), 5, now()
   FROM generate_series(1, %s) i"""
 
 # n jobs per transaction: claim them (running, attempt counted, owner token), then
@@ -60,9 +60,9 @@ UPDATE floor_jobs j SET state = 'running', attempts = j.attempts + 1, started_at
        lease_token = gen_random_uuid()
  WHERE j.id = ANY(ARRAY(SELECT id FROM c));
 WITH d AS (DELETE FROM floor_jobs WHERE queue = 'floor' AND state = 'running' RETURNING *)
-INSERT INTO floor_history (id, queue, state, payload, priority, run_at, attempts, max_attempts,
-                           timeout, created_at, started_at, finished_at, errors)
-SELECT id, queue, 'succeeded', payload, priority, run_at, attempts, max_attempts, timeout,
+INSERT INTO floor_history (id, queue, state, payload, enqueued_by, priority, run_at, attempts,
+                           max_attempts, timeout, created_at, started_at, finished_at, errors)
+SELECT id, queue, 'succeeded', payload, enqueued_by, priority, run_at, attempts, max_attempts, timeout,
        created_at, started_at, now(), errors FROM d;
 COMMIT;
 """
