@@ -84,11 +84,13 @@ $$;
 COMMENT ON FUNCTION queue.authorize(text, text, boolean) IS
     'Internal: the queue''s row after checking that the caller holds a privilege on it.';
 
--- check_privileges: the privilege names grant and revoke accept.
-CREATE FUNCTION queue.check_privileges(privileges text[]) RETURNS void
+-- check_grant: the arguments grant and revoke share: a role, and known privilege names.
+CREATE FUNCTION queue.check_grant(role regrole, privileges text[]) RETURNS void
 LANGUAGE plpgsql IMMUTABLE AS $$
 BEGIN
-    IF privileges IS NULL OR cardinality(privileges) = 0 OR array_position(privileges, NULL) IS NOT NULL THEN
+    IF role IS NULL THEN
+        RAISE EXCEPTION 'role must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    ELSIF privileges IS NULL OR cardinality(privileges) = 0 OR array_position(privileges, NULL) IS NOT NULL THEN
         RAISE EXCEPTION 'privileges must be a non-empty array of privilege names'
             USING ERRCODE = 'invalid_parameter_value', HINT = 'Use enqueue, consume, read or manage.';
     ELSIF NOT privileges <@ '{enqueue,consume,read,manage}'::text[] THEN
@@ -105,10 +107,7 @@ RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     q queue.queues;
 BEGIN
-    IF role IS NULL THEN
-        RAISE EXCEPTION 'role must not be NULL' USING ERRCODE = 'null_value_not_allowed';
-    END IF;
-    PERFORM queue.check_privileges(privileges);
+    PERFORM queue.check_grant(role, privileges);
     q := queue.authorize("grant".queue, 'own', true);
     INSERT INTO queue.queue_grants (queue, role, privilege, granted_by)
     SELECT q.name, "grant".role, p, queue.caller() FROM unnest(privileges) p
@@ -123,10 +122,7 @@ RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     q queue.queues;
 BEGIN
-    IF role IS NULL THEN
-        RAISE EXCEPTION 'role must not be NULL' USING ERRCODE = 'null_value_not_allowed';
-    END IF;
-    PERFORM queue.check_privileges(privileges);
+    PERFORM queue.check_grant(role, privileges);
     q := queue.authorize(revoke.queue, 'own', true);
     DELETE FROM queue.queue_grants g
      WHERE g.queue = q.name AND g.role = revoke.role AND g.privilege = ANY (privileges);
