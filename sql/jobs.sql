@@ -96,8 +96,8 @@ BEGIN
         RAISE EXCEPTION 'payload must not be NULL' USING ERRCODE = 'null_value_not_allowed',
             HINT = 'Use ''{}'' for a job without data.';
     END IF;
-    IF q.is_full OR pg_column_size(payload) > coalesce(q.max_payload_size, 2147483647)
-       OR pg_column_size(payload) > current_setting('queue.max_payload_size')::integer THEN
+    IF q.is_full OR pg_column_size(payload)
+                    > least(q.max_payload_size, current_setting('queue.max_payload_size')::integer) THEN
         PERFORM queue.check_capacity(q, ARRAY[payload]);
     END IF;
     IF priority IS NULL OR max_attempts IS NOT NULL OR timeout IS NOT NULL THEN
