@@ -39,10 +39,12 @@ if ! grep -qs "pg15 = \"$PG_CONFIG\"" "${PGRX_HOME:-$HOME/.pgrx}/config.toml"; t
     cargo pgrx init --pg15 "$PG_CONFIG" >/dev/null
 fi
 
-# Python for the real-cluster suite and the demo, in a venv outside the repo.
+# Python for the real-cluster suite and the demo, in a venv outside the repo; pgspot checks
+# the install script for search_path hazards (pgrx-tests/test_install_script.py).
 VENV=${PG_QUEUE_VENV:-$HOME/.cache/pg_queue/venv}
-if [ ! -x "$VENV/bin/pytest" ] || ! "$VENV/bin/python" -c "import psycopg" 2>/dev/null; then
-    echo "setup: creating Python venv $VENV (psycopg, pytest)"
+if [ ! -x "$VENV/bin/pytest" ] || [ ! -x "$VENV/bin/pgspot" ] \
+        || ! "$VENV/bin/python" -c "import psycopg" 2>/dev/null; then
+    echo "setup: creating Python venv $VENV (psycopg, pytest, pgspot)"
     python3 -m venv "$VENV"
-    "$VENV/bin/pip" install -q "psycopg[binary]>=3.1,<4" "pytest>=7,<9"
+    "$VENV/bin/pip" install -q "psycopg[binary]>=3.1,<4" "pytest>=7,<9" "pgspot==0.9.4"
 fi

@@ -41,8 +41,8 @@ $$;
 
 -- seen: records that `consumer` called now, as the API's caller.
 CREATE FUNCTION queue.seen(consumer text) RETURNS void LANGUAGE sql AS $$
-    INSERT INTO queue.consumers AS c (name, role, pid) VALUES (consumer, queue.caller(), pg_backend_pid())
-    ON CONFLICT (name) DO UPDATE SET role = excluded.role, pid = excluded.pid, last_seen = now()
+    INSERT INTO queue.consumers AS c (name, role, pid) VALUES (consumer, queue.caller(), pg_catalog.pg_backend_pid())
+    ON CONFLICT (name) DO UPDATE SET role = excluded.role, pid = excluded.pid, last_seen = pg_catalog.now()
 $$;
 
 -- consumed_job: the queue of job `id` while `lease_token` holds it, after checking that the

@@ -9,9 +9,12 @@
 -- channel: the NOTIFY channel of a queue. Queue names may be 63 characters but channels
 -- only 63 bytes in all, so a long name is shortened and made unique with its md5.
 CREATE FUNCTION queue.channel(queue text) RETURNS text
-LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
-RETURN CASE WHEN octet_length(queue) <= 57 THEN 'queue.' || queue
-            ELSE 'queue.' || left(queue, 40) || '.' || left(md5(queue), 16) END;
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
+    SELECT CASE WHEN pg_catalog.octet_length(queue) OPERATOR(pg_catalog.<=) 57
+                THEN 'queue.' OPERATOR(pg_catalog.||) queue
+                ELSE 'queue.' OPERATOR(pg_catalog.||) pg_catalog."left"(queue, 40)
+                     OPERATOR(pg_catalog.||) '.' OPERATOR(pg_catalog.||) pg_catalog."left"(pg_catalog.md5(queue), 16) END
+$$;
 COMMENT ON FUNCTION queue.channel(text) IS
     'The NOTIFY channel of a NOTIFY queue: ''queue.'' || name (names over 57 bytes are shortened with an md5). LISTEN to it as a quoted identifier.';
 
@@ -333,9 +336,11 @@ COMMENT ON FUNCTION queue.retry(uuid) IS
 -- `base`, capped at `max`, with "equal jitter" (uniform in [d/2, d]) so that jobs that
 -- failed together do not retry together.
 CREATE FUNCTION queue.backoff(base interval, max interval, attempt integer) RETURNS interval
-LANGUAGE sql VOLATILE PARALLEL SAFE
-RETURN least(max, base * power(2, least(greatest(attempt, 1) - 1, 40)))
-       * (0.5 + random() * 0.5);
+LANGUAGE sql VOLATILE PARALLEL SAFE AS $$
+    SELECT least(max, base OPERATOR(pg_catalog.*)
+                      pg_catalog.power(2, least(greatest(attempt, 1) OPERATOR(pg_catalog.-) 1, 40)))
+           OPERATOR(pg_catalog.*) (0.5 OPERATOR(pg_catalog.+) (pg_catalog.random() OPERATOR(pg_catalog.*) 0.5))
+$$;
 COMMENT ON FUNCTION queue.backoff(interval, interval, integer) IS
     'Delay before retrying after failed attempt n: least(max, base * 2^(n-1)), jittered to between half and all of it.';
 

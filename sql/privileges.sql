@@ -30,13 +30,17 @@ SELECT pg_catalog.pg_extension_config_dump('queue.queue_grants', '');
 CREATE FUNCTION queue.privileges_of(who oid)
 RETURNS TABLE (queue text, own boolean, enqueue boolean, consume boolean, read boolean, manage boolean)
 LANGUAGE sql STABLE AS $$
-    SELECT q.name, o.own, o.own OR 'enqueue' = ANY (g.privs), o.own OR 'consume' = ANY (g.privs),
-           o.own OR g.privs && '{read,consume,manage}', o.own OR 'manage' = ANY (g.privs)
+    SELECT q.name, o.own,
+           o.own OR 'enqueue' OPERATOR(pg_catalog.=) ANY (g.privs),
+           o.own OR 'consume' OPERATOR(pg_catalog.=) ANY (g.privs),
+           o.own OR g.privs OPERATOR(pg_catalog.&&) '{read,consume,manage}',
+           o.own OR 'manage' OPERATOR(pg_catalog.=) ANY (g.privs)
       FROM queue.queues q
-     CROSS JOIN LATERAL (SELECT pg_has_role(who, q.owner, 'USAGE') AS own) o
-     CROSS JOIN LATERAL (SELECT coalesce(array_agg(x.privilege), '{}') AS privs
+     CROSS JOIN LATERAL (SELECT pg_catalog.pg_has_role(who, q.owner, 'USAGE') AS own) o
+     CROSS JOIN LATERAL (SELECT coalesce(pg_catalog.array_agg(x.privilege), '{}') AS privs
                            FROM queue.queue_grants x
-                          WHERE x.queue = q.name AND pg_has_role(who, x.role, 'USAGE')) g
+                          WHERE x.queue OPERATOR(pg_catalog.=) q.name
+                            AND pg_catalog.pg_has_role(who, x.role, 'USAGE')) g
 $$;
 COMMENT ON FUNCTION queue.privileges_of(oid) IS
     'Internal: what a role may do on each queue (owner, enqueue, consume, read, manage).';

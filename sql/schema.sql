@@ -8,6 +8,26 @@
 --                  partitioned by finish time, pruned by dropping whole partitions.
 -- No other row is updated per job.
 
+-- Install script hygiene (pgspot checks this script, pgrx-tests/test_install_script.py):
+-- names resolve in pg_catalog (implicitly first), then in our own schema, never in a temp
+-- schema or a schema someone else created. pgrx creates its functions unqualified, so
+-- `queue` must come first among the explicit schemas. CREATE EXTENSION undoes the SET.
+SET search_path TO queue, pg_temp;
+
+-- CREATE EXTENSION uses an existing schema `queue` as it is. Its owner could drop or
+-- replace anything in it, so it must be a superuser's (the installer's, normally).
+DO $$
+BEGIN
+    IF NOT (SELECT r.rolsuper FROM pg_catalog.pg_namespace n
+              JOIN pg_catalog.pg_roles r ON r.oid OPERATOR(pg_catalog.=) n.nspowner
+             WHERE n.nspname OPERATOR(pg_catalog.=) 'queue') THEN
+        RAISE EXCEPTION 'schema "queue" already exists and is not owned by a superuser'
+            USING ERRCODE = 'duplicate_schema',
+                  HINT = 'Drop it (or make a superuser its owner) before CREATE EXTENSION pg_queue.';
+    END IF;
+END
+$$;
+
 -- job_state: the only state vocabulary. Which process moves a job out of each state is
 -- documented in src/state.rs.
 CREATE TYPE queue.job_state AS ENUM
@@ -133,8 +153,11 @@ CREATE TABLE queue.history_default PARTITION OF queue.history DEFAULT;
 -- uuid_time: the creation time a UUIDv7 carries (its first 48 bits, Unix milliseconds).
 -- A job finishes after it was created, so status() prunes history partitions with it.
 CREATE FUNCTION queue.uuid_time(id uuid) RETURNS timestamptz
-LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
-RETURN to_timestamp(('x' || substr(replace(id::text, '-', ''), 1, 12))::bit(48)::bigint / 1000.0);
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
+    SELECT pg_catalog.to_timestamp(
+        ('x' OPERATOR(pg_catalog.||) pg_catalog.substr(pg_catalog.replace(id::pg_catalog.text, '-', ''), 1, 12))
+            ::pg_catalog.bit(48)::pg_catalog.int8::pg_catalog.float8 OPERATOR(pg_catalog./) 1000)
+$$;
 COMMENT ON FUNCTION queue.uuid_time(uuid) IS
     'The creation time carried by a UUIDv7 job id.';
 
