@@ -140,6 +140,72 @@ def test_session_advisory_lock_is_released_after_the_job(roles, name):
         su.execute("SELECT pg_advisory_unlock(4242)")
 
 
+def test_lastval_does_not_reach_the_next_owner(roles, name):
+    """lastval() is session state. Core checks bob's privilege on the sequence, but its
+    error would still name alice's sequence: bob's handler must find no lastval at all."""
+    with connect(roles, "alice") as a, connect(roles, "bob") as b, roles.connect() as su:
+        a.execute(f"CREATE SEQUENCE alice.{name}_seq START 424242")
+        handler_queue(a, "alice", name + "a", f"PERFORM nextval('alice.{name}_seq');")
+        handler_queue(b, "bob", name + "b", f"""
+            BEGIN
+                INSERT INTO bob.{name}b (info) VALUES (lastval()::text);
+            EXCEPTION WHEN OTHERS THEN
+                INSERT INTO bob.{name}b (info) VALUES (SQLERRM);
+            END;""")
+        assert run_one(a, su, name + "a")[0] == "succeeded"
+        assert run_one(b, su, name + "b")[0] == "succeeded"
+        assert scalar(su, f"SELECT info FROM bob.{name}b") == \
+            "lastval is not yet defined in this session"
+
+
+def loopback(roles):
+    return f"host={roles.dir} port={roles.port} dbname=postgres user=postgres"
+
+
+def test_dblink_connections_do_not_reach_the_next_owner(roles, name):
+    """A superuser's handler opens a named and the unnamed dblink connection; bob's handler
+    must find neither (with them it would run SQL as postgres on the other end)."""
+    with connect(roles, "bob") as b, roles.connect() as su:
+        su.execute("CREATE EXTENSION IF NOT EXISTS dblink")
+        handler_queue(su, "public", name + "a", f"""
+            PERFORM dblink_connect('{name}', '{loopback(roles)}');
+            PERFORM dblink_connect('{loopback(roles)}');""")
+        handler_queue(b, "bob", name + "b", f"""
+            INSERT INTO bob.{name}b (info)
+                 VALUES (coalesce(array_to_string(dblink_get_connections(), ','), 'no connection'));
+            BEGIN
+                INSERT INTO bob.{name}b (info)
+                     SELECT u FROM dblink('{name}', 'SELECT current_user::text') AS t(u text);
+            EXCEPTION WHEN OTHERS THEN INSERT INTO bob.{name}b (info) VALUES ('named refused');
+            END;
+            BEGIN
+                INSERT INTO bob.{name}b (info)
+                     SELECT u FROM dblink('SELECT current_user::text') AS t(u text);
+            EXCEPTION WHEN OTHERS THEN INSERT INTO bob.{name}b (info) VALUES ('unnamed refused');
+            END;""")
+        assert run_one(su, su, name + "a")[0] == "succeeded"
+        assert run_one(b, su, name + "b")[0] == "succeeded"
+        assert [r[0] for r in su.execute(f"SELECT info FROM bob.{name}b ORDER BY at")] == \
+            ["no connection", "named refused", "unnamed refused"]
+
+
+def test_postgres_fdw_connections_do_not_reach_the_next_owner(roles, name):
+    with connect(roles, "bob") as b, roles.connect() as su:
+        su.execute("CREATE EXTENSION IF NOT EXISTS postgres_fdw")
+        su.execute(f"CREATE SERVER {name}_srv FOREIGN DATA WRAPPER postgres_fdw "
+                   f"OPTIONS (host '{roles.dir}', port '{roles.port}', dbname 'postgres')")
+        su.execute(f"CREATE USER MAPPING FOR postgres SERVER {name}_srv OPTIONS (user 'postgres')")
+        su.execute(f"CREATE TABLE public.{name}_remote (x int)")
+        su.execute(f"CREATE FOREIGN TABLE public.{name}_ft (x int) SERVER {name}_srv "
+                   f"OPTIONS (table_name '{name}_remote')")
+        handler_queue(su, "public", name + "a", f"PERFORM count(*) FROM public.{name}_ft;")
+        handler_queue(b, "bob", name + "b", f"""
+            INSERT INTO bob.{name}b (n) SELECT count(*) FROM postgres_fdw_get_connections();""")
+        assert run_one(su, su, name + "a")[0] == "succeeded"
+        assert run_one(b, su, name + "b")[0] == "succeeded"
+        assert scalar(su, f"SELECT n FROM bob.{name}b") == 0
+
+
 def test_no_cursor_survives_a_job(roles, name):
     """Cursors opened by a handler are closed when it returns, even in the middle of a batch."""
     with connect(roles, "alice") as a, roles.connect() as su:

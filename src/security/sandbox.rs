@@ -13,13 +13,22 @@
 //! - `NewGUCNestLevel()` before and `AtEOXact_GUC(false, ..)` after: every setting the code
 //!   made is undone, `set_config(.., false)` included; `search_path` is pinned for the call;
 //! - after the call, what a restricted operation still allows and would outlive it is
-//!   dropped: cursors (portals) and session-level advisory locks.
+//!   dropped: cursors (portals), session-level advisory locks and `lastval()`; before a
+//!   batch (one queue, so one owner), dblink and postgres_fdw connections.
 //!
 //! The worker's identity comes back on every path: `leave` on success, the subtransaction
 //! abort (which restores user, security context and settings) on error.
 
+use crate::worker::SqlError;
 use pgrx::pg_sys::{self, Oid};
-use std::ffi::CString;
+use pgrx::spi::SpiClient;
+use std::ffi::{CStr, CString};
+
+extern "C-unwind" {
+    /// What `DISCARD SEQUENCES` runs (sequence.c); not in pgrx's bindings. Forgets
+    /// `lastval()` and the sequence values cached by this backend; cannot fail.
+    fn ResetSequenceCaches();
+}
 
 /// The identity and setting level to return to.
 pub struct Entered {
@@ -73,16 +82,88 @@ pub fn leave(e: Entered) {
 }
 
 /// After the call, whether it succeeded or not (outside its subtransaction): drops the
-/// cursors it left open (a later handler could FETCH from them) and releases the
-/// session-level advisory locks it took (they would be held by the worker for good).
-/// Workers open no cursors and take no session locks of their own.
+/// cursors it left open (a later handler could FETCH from them), releases the
+/// session-level advisory locks it took (they would be held by the worker for good) and
+/// forgets `lastval()` (a later handler would read another owner's sequence value).
+/// Workers open no cursors, take no session locks and use no sequence of their own.
 pub fn clear_residue() {
     // SAFETY: no portal of the worker is open between its statements; active portals are
-    // skipped by PortalHashTableDeleteAll anyway.
+    // skipped by PortalHashTableDeleteAll anyway. ResetSequenceCaches only frees a hash.
     unsafe {
         pg_sys::PortalHashTableDeleteAll();
         pg_sys::LockReleaseSession(pg_sys::USER_LOCKMETHOD as pg_sys::LOCKMETHODID);
+        ResetSequenceCaches();
     }
+}
+
+/// Before a batch: closes the connections handlers opened with dblink or postgres_fdw.
+/// They outlive the transaction, and a later handler of another owner could use them
+/// (a dblink connection is found by name, or is the unnamed one, and speaks with the
+/// credentials of whoever opened it). postgres_fdw cannot close a connection its
+/// transaction used, hence before the batch rather than after each job; a batch runs
+/// one queue's jobs, so one owner's. Costs a symbol lookup unless a handler of this
+/// executor loaded one of the two libraries.
+pub fn close_foreign_connections(client: &mut SpiClient<'_>) -> Result<(), SqlError> {
+    let dblink = library_loaded("dblink");
+    let fdw = library_loaded("postgres_fdw");
+    if !dblink && !fdw {
+        return Ok(());
+    }
+    let installed = client.select(
+        "SELECT e.extname::text, pg_catalog.quote_ident(n.nspname)
+           FROM pg_catalog.pg_extension e
+           JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace
+          WHERE e.extname IN ('dblink', 'postgres_fdw')",
+        None,
+        &[],
+    )?;
+    let mut statements = Vec::new();
+    for row in installed {
+        let (Some(ext), Some(schema)) = (row.get::<String>(1)?, row.get::<String>(2)?) else {
+            continue;
+        };
+        // The schema is quoted by quote_ident; nothing else comes from outside.
+        match ext.as_str() {
+            "dblink" if dblink => statements.push(format!(
+                "DO $close$
+                 BEGIN
+                     PERFORM {schema}.dblink_disconnect(c)
+                        FROM pg_catalog.unnest({schema}.dblink_get_connections()) c;
+                     BEGIN
+                         PERFORM {schema}.dblink_disconnect();       -- the unnamed one
+                     EXCEPTION WHEN connection_does_not_exist THEN
+                     END;
+                 END
+                 $close$"
+            )),
+            "postgres_fdw" if fdw => {
+                statements.push(format!("SELECT {schema}.postgres_fdw_disconnect_all()"))
+            }
+            _ => {}
+        }
+    }
+    for sql in statements {
+        client.update(&sql, None, &[])?;
+    }
+    Ok(())
+}
+
+/// Whether this process has loaded `$libdir/<name>` (dlopen with RTLD_NOLOAD loads nothing).
+fn library_loaded(name: &str) -> bool {
+    // SAFETY: pkglib_path is a NUL-terminated path set at process start.
+    let dir = unsafe { CStr::from_ptr(std::ptr::addr_of!(pg_sys::pkglib_path).cast()) };
+    let Ok(path) = CString::new(format!("{}/{name}.so", dir.to_string_lossy())) else {
+        return false;
+    };
+    // SAFETY: a lookup among loaded objects; the handle it returns is released at once.
+    unsafe {
+        let handle = libc::dlopen(path.as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD);
+        if handle.is_null() {
+            return false;
+        }
+        libc::dlclose(handle);
+    }
+    true
 }
 
 /// `SET CONSTRAINTS ALL IMMEDIATE`, also firing any event queued so far (none: the

@@ -220,6 +220,8 @@ fn run_batch(
     let started = Instant::now();
     let mut outcomes = Vec::with_capacity(claimed.len());
     if !claimed.is_empty() {
+        // Connections an earlier batch's handlers left open are not this owner's.
+        sandbox::close_foreign_connections(client)?;
         // Stop starting handlers once asked to shut down or once the batch ran long enough.
         while !super::shutdown_requested() {
             let Some(job) = claimed.pop_front() else {
