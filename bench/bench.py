@@ -171,6 +171,12 @@ class Bench:
                         lambda: self.pgbench(FLOOR_INSERT, c, seconds=secs),
                         lambda: self.pgbench("SELECT queue.enqueue('bench_enqueue', '{\"i\": 1}');",
                                              c, seconds=secs))
+        # Keyed enqueue (a fresh key per call: the insert path, not the duplicate one).
+        keyed = ("\\set k random(1, 1000000000)\n"
+                 "SELECT queue.enqueue('bench_enqueue', '{\"i\": 1}', unique_key => 'k' || :k);")
+        self.paired("enqueue with unique_key, 1 client", "jobs/s", "INSERT floor, 1 client(s)",
+                    lambda: self.pgbench(FLOOR_INSERT, 1, seconds=secs),
+                    lambda: self.pgbench(keyed, 1, seconds=secs))
         calls = self.size["many_calls"]
         with self.cluster.connect() as db:
             wal = db.execute("SELECT pg_current_wal_insert_lsn()").fetchone()[0]

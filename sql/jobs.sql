@@ -79,7 +79,9 @@ CREATE FUNCTION queue.enqueue(
     run_at       timestamptz DEFAULT NULL,
     priority     integer     DEFAULT 0,
     max_attempts integer     DEFAULT NULL,
-    timeout      interval    DEFAULT NULL)
+    timeout      interval    DEFAULT NULL,
+    unique_key   text        DEFAULT NULL,
+    unique_for   interval    DEFAULT NULL)
 RETURNS uuid LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 -- The hot path of every producer: no nested function calls but for the checks that fail
 -- (find_queue and authorize raise the errors) and a grantee's check, everything else inline.
@@ -106,6 +108,10 @@ BEGIN
     IF priority IS NULL OR max_attempts IS NOT NULL OR timeout IS NOT NULL THEN
         PERFORM queue.check_job_options(priority, max_attempts, timeout);
     END IF;
+    IF unique_key IS NOT NULL OR unique_for IS NOT NULL THEN
+        RETURN (queue.insert_unique(q, who, payload, run_at, priority, max_attempts, timeout,
+                                    unique_key, unique_for)).id;
+    END IF;
     INSERT INTO queue.jobs (id, queue, state, payload, enqueued_by, priority, run_at, max_attempts,
                             timeout, created_at)
     VALUES (job_id, q.name, 'queued', payload, who, priority, coalesce(run_at, now()),
@@ -120,8 +126,108 @@ BEGIN
     RETURN job_id;
 END
 $$;
-COMMENT ON FUNCTION queue.enqueue(text, jsonb, timestamptz, integer, integer, interval) IS
-    'Enqueues one job in the caller''s transaction (workers see it at commit) and returns its id. run_at in the future schedules it; lower priority runs first; max_attempts and timeout default to the queue''s.';
+COMMENT ON FUNCTION queue.enqueue(text, jsonb, timestamptz, integer, integer, interval, text, interval) IS
+    'Enqueues one job in the caller''s transaction (workers see it at commit) and returns its id. run_at in the future schedules it; lower priority runs first; max_attempts and timeout default to the queue''s. With unique_key: while a job of the queue with that key is live (or succeeded less than unique_for ago), returns its id and adds nothing (queue.enqueue_unique also says which happened).';
+
+-- insert_unique: enqueue's keyed insert, once the caller passed enqueue's checks. The
+-- unique index decides (ON CONFLICT DO NOTHING), so concurrent enqueues of one key make
+-- one job. A job that succeeded within unique_for counts too: it is looked for after our
+-- row took the key, so it finished before (an insert waits for a transaction moving the
+-- key's live job to history) and this READ COMMITTED statement sees it; our row is then
+-- taken back. The loop covers a live job that finished between the insert and the lookup.
+CREATE FUNCTION queue.insert_unique(
+    q queue.queues, who oid, payload jsonb, run_at timestamptz, priority integer,
+    max_attempts integer, timeout interval, unique_key text, unique_for interval,
+    OUT id uuid, OUT created boolean)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    existing uuid;
+BEGIN
+    IF unique_key IS NULL THEN
+        RAISE EXCEPTION 'unique_for needs a unique_key' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF unique_for IS NOT NULL THEN
+        IF unique_for <= interval '0' THEN
+            RAISE EXCEPTION 'unique_for must be positive, not %', unique_for
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        IF current_setting('transaction_isolation') <> 'read committed' THEN
+            RAISE EXCEPTION 'unique_for needs a READ COMMITTED transaction'
+                USING ERRCODE = 'feature_not_supported',
+                      DETAIL = format('Under %s isolation a job of the key finishing meanwhile would not be seen.',
+                                      current_setting('transaction_isolation')),
+                      HINT = 'Enqueue in a READ COMMITTED transaction, or without unique_for.';
+        END IF;
+    END IF;
+    FOR i IN 1 .. 100 LOOP
+        id := queue.uuid_generate_v7();
+        INSERT INTO queue.jobs AS j (id, queue, state, payload, enqueued_by, priority, run_at,
+                                     max_attempts, timeout, created_at, unique_key)
+        VALUES (id, q.name, 'queued', payload, who, priority, coalesce(run_at, now()),
+                coalesce(max_attempts, q.max_attempts), timeout, now(), unique_key)
+        ON CONFLICT (queue, unique_key) WHERE j.unique_key IS NOT NULL DO NOTHING;
+        IF FOUND THEN
+            IF unique_for IS NOT NULL THEN
+                SELECT h.id INTO existing FROM queue.history h
+                 WHERE h.queue = q.name AND h.unique_key = insert_unique.unique_key
+                   AND h.state = 'succeeded' AND h.finished_at > clock_timestamp() - unique_for
+                 ORDER BY h.finished_at DESC LIMIT 1;
+                IF FOUND THEN
+                    DELETE FROM queue.jobs j WHERE j.id = insert_unique.id;
+                    id := existing;
+                    created := false;
+                    RETURN;
+                END IF;
+            END IF;
+            IF run_at IS NULL OR run_at <= now() THEN
+                PERFORM queue.announce(q, 1, id);
+            END IF;
+            created := true;
+            RETURN;
+        END IF;
+        SELECT j.id INTO id FROM queue.jobs j WHERE j.queue = q.name AND j.unique_key = insert_unique.unique_key;
+        IF FOUND THEN
+            created := false;
+            RETURN;
+        END IF;
+    END LOOP;
+    RAISE EXCEPTION 'could not enqueue with unique key "%": its jobs keep finishing', unique_key
+        USING ERRCODE = 'serialization_failure', HINT = 'Retry the transaction.';
+END
+$$;
+
+CREATE FUNCTION queue.enqueue_unique(
+    queue        text,
+    unique_key   text,
+    payload      jsonb       DEFAULT '{}',
+    run_at       timestamptz DEFAULT NULL,
+    priority     integer     DEFAULT 0,
+    max_attempts integer     DEFAULT NULL,
+    timeout      interval    DEFAULT NULL,
+    unique_for   interval    DEFAULT NULL)
+RETURNS TABLE (id uuid, created boolean)
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    q queue.queues := queue.authorize(queue, 'enqueue');
+BEGIN
+    IF unique_key IS NULL THEN
+        RAISE EXCEPTION 'unique_key must not be NULL' USING ERRCODE = 'null_value_not_allowed',
+            HINT = 'Use queue.enqueue for a job without a key.';
+    END IF;
+    IF payload IS NULL THEN
+        RAISE EXCEPTION 'payload must not be NULL' USING ERRCODE = 'null_value_not_allowed',
+            HINT = 'Use ''{}'' for a job without data.';
+    END IF;
+    PERFORM queue.check_capacity(q, ARRAY[payload]);
+    PERFORM queue.check_job_options(priority, max_attempts, timeout);
+    RETURN QUERY SELECT u.id, u.created
+      FROM queue.insert_unique(q, queue.caller(), payload, run_at, priority, max_attempts, timeout,
+                               unique_key, unique_for) u;
+END
+$$;
+COMMENT ON FUNCTION queue.enqueue_unique(text, text, jsonb, timestamptz, integer, integer, interval, interval) IS
+    'Enqueues a job unless one of the queue with unique_key is live (or succeeded less than unique_for ago); returns the id of the job that stands for the key and whether this call created it.';
 
 CREATE FUNCTION queue.enqueue_many(
     queue        text,
@@ -234,10 +340,10 @@ BEGIN
                     WHERE j.id = cancel.id
                       AND (j.state IN ('queued', 'waiting') OR j.consumer IS NOT NULL)
                    RETURNING j.*)
-        INSERT INTO queue.history (id, queue, state, payload, enqueued_by, priority, run_at, attempts,
+        INSERT INTO queue.history (id, queue, state, payload, enqueued_by, unique_key, priority, run_at, attempts,
                                    max_attempts, timeout, created_at, started_at, finished_at, worker_pid,
                                    consumer, errors)
-        SELECT d.id, d.queue, 'cancelled', d.payload, d.enqueued_by, d.priority, d.run_at, d.attempts,
+        SELECT d.id, d.queue, 'cancelled', d.payload, d.enqueued_by, d.unique_key, d.priority, d.run_at, d.attempts,
                d.max_attempts, d.timeout, d.created_at, d.started_at, clock_timestamp(), d.worker_pid,
                d.consumer, d.errors
           FROM d;
@@ -259,12 +365,13 @@ SELECT j.id, j.queue, j.state, j.state = 'queued' AND j.run_at > now() AS schedu
        j.attempts, j.max_attempts, j.priority, j.run_at, j.created_at, j.started_at,
        NULL::timestamptz AS finished_at, j.errors -> -1 ->> 'message' AS last_error,
        j.errors, NULL::jsonb AS result, j.worker_pid, j.consumer, j.lease_expires_at, j.payload,
-       j.enqueued_by
+       j.enqueued_by, j.unique_key
   FROM queue.jobs j
 UNION ALL
 SELECT h.id, h.queue, h.state, false, h.attempts, h.max_attempts, h.priority, h.run_at,
        h.created_at, h.started_at, h.finished_at, h.errors -> -1 ->> 'message', h.errors,
-       h.result, h.worker_pid, h.consumer, NULL::timestamptz, h.payload, h.enqueued_by
+       h.result, h.worker_pid, h.consumer, NULL::timestamptz, h.payload, h.enqueued_by,
+       h.unique_key
   FROM queue.history h;
 
 -- job_status: the jobs the current role may see. A security barrier: a function in a
@@ -317,9 +424,9 @@ BEGIN
                 WHERE x.id = retry.id AND x.state IN ('failed', 'cancelled')
                   AND x.finished_at >= queue.uuid_time(retry.id) - interval '1 day'
                RETURNING x.*)
-    INSERT INTO queue.jobs (id, queue, state, payload, enqueued_by, priority, run_at, attempts,
+    INSERT INTO queue.jobs (id, queue, state, payload, enqueued_by, unique_key, priority, run_at, attempts,
                             max_attempts, timeout, created_at, errors)
-    SELECT d.id, d.queue, 'queued', d.payload, d.enqueued_by, d.priority, now(), 0, d.max_attempts,
+    SELECT d.id, d.queue, 'queued', d.payload, d.enqueued_by, d.unique_key, d.priority, now(), 0, d.max_attempts,
            d.timeout, d.created_at, d.errors
       FROM d;
     GET DIAGNOSTICS n = ROW_COUNT;

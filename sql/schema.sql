@@ -95,6 +95,7 @@ CREATE TABLE queue.jobs (
     lease_expires_at  timestamptz,                      -- the consumer loses the job after this
     lease_token       uuid,                             -- fences every transition out of running
     errors            jsonb       NOT NULL DEFAULT '[]', -- one object per failed attempt
+    unique_key        text,                             -- at most one live job per (queue, unique_key)
     CONSTRAINT jobs_live_state CHECK (state IN ('waiting', 'queued', 'running')),
     CONSTRAINT jobs_attempts_in_range CHECK (attempts >= 0 AND attempts <= max_attempts),
     CONSTRAINT jobs_max_attempts_positive CHECK (max_attempts > 0),
@@ -117,6 +118,9 @@ CREATE INDEX jobs_ready_idx ON queue.jobs (queue, priority, run_at, id) WHERE st
 CREATE INDEX jobs_scheduled_idx ON queue.jobs (run_at) WHERE state = 'queued' AND run_at > created_at;
 -- Per-queue concurrency and the reaper.
 CREATE INDEX jobs_running_idx ON queue.jobs (queue) WHERE state = 'running';
+-- Unique keys: every row of queue.jobs is live, so this index is the whole guarantee
+-- (enqueue inserts with ON CONFLICT DO NOTHING; no check-then-insert race).
+CREATE UNIQUE INDEX jobs_unique_key_idx ON queue.jobs (queue, unique_key) WHERE unique_key IS NOT NULL;
 
 -- history: terminal jobs, insert-only. A job reaches a terminal state in one statement:
 -- WITH d AS (DELETE FROM queue.jobs ... RETURNING *) INSERT INTO queue.history ...
@@ -138,6 +142,7 @@ CREATE TABLE queue.history (
     consumer      text,
     result        jsonb,
     errors        jsonb       NOT NULL,
+    unique_key    text,
     CONSTRAINT history_terminal_state CHECK (state IN ('succeeded', 'failed', 'cancelled')),
     CONSTRAINT history_attempts_in_range CHECK (attempts >= 0 AND attempts <= max_attempts),
     CONSTRAINT history_finished_after_created CHECK (finished_at >= created_at)
@@ -145,6 +150,9 @@ CREATE TABLE queue.history (
 
 CREATE INDEX history_id_idx ON queue.history (id);
 CREATE INDEX history_queue_idx ON queue.history (queue, finished_at);
+-- unique_for: the latest success of a key.
+CREATE INDEX history_unique_key_idx ON queue.history (queue, unique_key, finished_at)
+    WHERE unique_key IS NOT NULL;
 
 -- Catches rows no daily partition covers (e.g. the launcher was down for days); retention
 -- empties it with batched deletes.
