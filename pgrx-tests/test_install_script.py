@@ -106,6 +106,22 @@ def test_internal_helpers_are_closed_to_every_role(db):
         assert sig not in granted, f"{sig} is executable by someone else: {acl}"
 
 
+def test_create_extension_leaves_the_sessions_search_path_alone(cluster):
+    with cluster.connect() as su:
+        su.execute("CREATE DATABASE path_check")
+    try:
+        with cluster.connect(dbname="path_check") as su:
+            su.execute("SET search_path TO public, pg_temp")
+            su.execute("CREATE EXTENSION pg_queue")
+            assert su.execute("SHOW search_path").fetchone() == ("public, pg_temp",)
+            su.execute("CREATE TABLE made_after (x int)")
+            assert su.execute("SELECT 'made_after'::regclass::text").fetchone() == ("made_after",)
+            assert su.execute("SELECT to_regclass('public.made_after') IS NOT NULL").fetchone() == (True,)
+    finally:
+        with cluster.connect() as su:
+            su.execute("DROP DATABASE path_check")
+
+
 def test_an_existing_schema_owned_by_an_ordinary_role_is_refused(cluster):
     with cluster.connect() as su:
         su.execute("CREATE DATABASE squat")

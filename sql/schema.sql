@@ -11,8 +11,10 @@
 -- Install script hygiene (pgspot checks this script, pgrx-tests/test_install_script.py):
 -- names resolve in pg_catalog (implicitly first), then in our own schema, never in a temp
 -- schema or a schema someone else created. pgrx creates its functions unqualified, so
--- `queue` must come first among the explicit schemas. CREATE EXTENSION undoes the SET.
-SET search_path TO queue, pg_temp;
+-- `queue` must come first among the explicit schemas. SET LOCAL: CREATE EXTENSION
+-- restores the search_path it set for the script, but it would keep a plain SET's value
+-- for the rest of the session.
+SET LOCAL search_path TO queue, pg_temp;
 
 -- CREATE EXTENSION uses an existing schema `queue` as it is. Its owner could drop or
 -- replace anything in it, so it must be a superuser's (the installer's, normally).
@@ -96,7 +98,12 @@ CREATE TABLE queue.jobs (
     lease_token       uuid,                             -- fences every transition out of running
     errors            jsonb       NOT NULL DEFAULT '[]', -- one object per failed attempt
     unique_key        text,                             -- at most one live job per (queue, unique_key)
+    depends_on        uuid[],                           -- jobs that must finish first
+    on_dependency_failure text,                         -- 'cancel' or 'run' (with depends_on)
+    waiting_for       integer     NOT NULL DEFAULT 0,   -- how many of depends_on have not finished
     CONSTRAINT jobs_live_state CHECK (state IN ('waiting', 'queued', 'running')),
+    CONSTRAINT jobs_waiting_for_dependencies CHECK ((state = 'waiting') = (waiting_for > 0)),
+    CONSTRAINT jobs_dependency_failure_valid CHECK (on_dependency_failure IN ('cancel', 'run')),
     CONSTRAINT jobs_attempts_in_range CHECK (attempts >= 0 AND attempts <= max_attempts),
     CONSTRAINT jobs_max_attempts_positive CHECK (max_attempts > 0),
     CONSTRAINT jobs_timeout_positive CHECK (timeout > interval '0'),
@@ -143,6 +150,8 @@ CREATE TABLE queue.history (
     result        jsonb,
     errors        jsonb       NOT NULL,
     unique_key    text,
+    depends_on    uuid[],
+    on_dependency_failure text,
     CONSTRAINT history_terminal_state CHECK (state IN ('succeeded', 'failed', 'cancelled')),
     CONSTRAINT history_attempts_in_range CHECK (attempts >= 0 AND attempts <= max_attempts),
     CONSTRAINT history_finished_after_created CHECK (finished_at >= created_at)
