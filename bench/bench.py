@@ -177,6 +177,14 @@ class Bench:
         self.paired("enqueue with unique_key, 1 client", "jobs/s", "INSERT floor, 1 client(s)",
                     lambda: self.pgbench(FLOOR_INSERT, 1, seconds=secs),
                     lambda: self.pgbench(keyed, 1, seconds=secs))
+        # Enqueue depending on one live job (of a paused queue): one edge and a key-share lock.
+        self.sql("CREATE TABLE bench_parent AS SELECT queue.enqueue('bench_enqueue') AS id")
+        dependent = ("SELECT queue.enqueue('bench_enqueue', '{\"i\": 1}', "
+                     "depends_on => ARRAY[(SELECT id FROM bench_parent)]);")
+        self.paired("enqueue with depends_on, 1 client", "jobs/s", "INSERT floor, 1 client(s)",
+                    lambda: self.pgbench(FLOOR_INSERT, 1, seconds=secs),
+                    lambda: self.pgbench(dependent, 1, seconds=secs))
+        self.sql("DROP TABLE bench_parent")
         calls = self.size["many_calls"]
         with self.cluster.connect() as db:
             wal = db.execute("SELECT pg_current_wal_insert_lsn()").fetchone()[0]

@@ -166,10 +166,10 @@ BEGIN
          WHERE j.id = complete.id AND j.state = 'running' AND j.lease_token = complete.lease_token
            AND j.lease_expires_at >= clock_timestamp()
         RETURNING j.*)
-    INSERT INTO queue.history (id, queue, state, payload, enqueued_by, unique_key, priority, run_at, attempts,
+    INSERT INTO queue.history (id, queue, state, payload, enqueued_by, unique_key, depends_on, on_dependency_failure, priority, run_at, attempts,
                                max_attempts, timeout, created_at, started_at, finished_at, worker_pid,
                                consumer, result, errors)
-    SELECT d.id, d.queue, 'succeeded', d.payload, d.enqueued_by, d.unique_key, d.priority, d.run_at, d.attempts,
+    SELECT d.id, d.queue, 'succeeded', d.payload, d.enqueued_by, d.unique_key, d.depends_on, d.on_dependency_failure, d.priority, d.run_at, d.attempts,
            d.max_attempts, d.timeout, d.created_at, d.started_at, clock_timestamp(), d.worker_pid,
            d.consumer, complete.result, d.errors
       FROM d;
@@ -215,10 +215,10 @@ BEGIN
         END IF;
     ELSE
         WITH d AS (DELETE FROM queue.jobs x WHERE x.id = j.id RETURNING x.*)
-        INSERT INTO queue.history (id, queue, state, payload, enqueued_by, unique_key, priority, run_at, attempts,
+        INSERT INTO queue.history (id, queue, state, payload, enqueued_by, unique_key, depends_on, on_dependency_failure, priority, run_at, attempts,
                                    max_attempts, timeout, created_at, started_at, finished_at, worker_pid,
                                    consumer, errors)
-        SELECT d.id, d.queue, 'failed', d.payload, d.enqueued_by, d.unique_key, d.priority, d.run_at, d.attempts,
+        SELECT d.id, d.queue, 'failed', d.payload, d.enqueued_by, d.unique_key, d.depends_on, d.on_dependency_failure, d.priority, d.run_at, d.attempts,
                d.max_attempts, d.timeout, d.created_at, d.started_at, clock_timestamp(), d.worker_pid,
                d.consumer, d.errors || failure
           FROM d;

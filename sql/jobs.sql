@@ -81,7 +81,9 @@ CREATE FUNCTION queue.enqueue(
     max_attempts integer     DEFAULT NULL,
     timeout      interval    DEFAULT NULL,
     unique_key   text        DEFAULT NULL,
-    unique_for   interval    DEFAULT NULL)
+    unique_for   interval    DEFAULT NULL,
+    depends_on   uuid[]      DEFAULT NULL,
+    on_dependency_failure text DEFAULT NULL)
 RETURNS uuid LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 -- The hot path of every producer: no nested function calls but for the checks that fail
 -- (find_queue and authorize raise the errors) and a grantee's check, everything else inline.
@@ -108,9 +110,10 @@ BEGIN
     IF priority IS NULL OR max_attempts IS NOT NULL OR timeout IS NOT NULL THEN
         PERFORM queue.check_job_options(priority, max_attempts, timeout);
     END IF;
-    IF unique_key IS NOT NULL OR unique_for IS NOT NULL THEN
-        RETURN (queue.insert_unique(q, who, payload, run_at, priority, max_attempts, timeout,
-                                    unique_key, unique_for)).id;
+    IF unique_key IS NOT NULL OR unique_for IS NOT NULL OR depends_on IS NOT NULL
+       OR on_dependency_failure IS NOT NULL THEN
+        RETURN (queue.insert_job(q, who, payload, run_at, priority, max_attempts, timeout,
+                                 unique_key, unique_for, depends_on, on_dependency_failure)).id;
     END IF;
     INSERT INTO queue.jobs (id, queue, state, payload, enqueued_by, priority, run_at, max_attempts,
                             timeout, created_at)
@@ -126,28 +129,36 @@ BEGIN
     RETURN job_id;
 END
 $$;
-COMMENT ON FUNCTION queue.enqueue(text, jsonb, timestamptz, integer, integer, interval, text, interval) IS
-    'Enqueues one job in the caller''s transaction (workers see it at commit) and returns its id. run_at in the future schedules it; lower priority runs first; max_attempts and timeout default to the queue''s. With unique_key: while a job of the queue with that key is live (or succeeded less than unique_for ago), returns its id and adds nothing (queue.enqueue_unique also says which happened).';
+COMMENT ON FUNCTION queue.enqueue(text, jsonb, timestamptz, integer, integer, interval, text, interval, uuid[], text) IS
+    'Enqueues one job in the caller''s transaction (workers see it at commit) and returns its id. run_at in the future schedules it; lower priority runs first; max_attempts and timeout default to the queue''s. With unique_key: while a job of the queue with that key is live (or succeeded less than unique_for ago), returns its id and adds nothing (queue.enqueue_unique also says which happened). With depends_on: the job waits until those jobs finished; one that failed or was cancelled cancels it, unless on_dependency_failure is ''run''.';
 
--- insert_unique: enqueue's keyed insert, once the caller passed enqueue's checks. The
--- unique index decides (ON CONFLICT DO NOTHING), so concurrent enqueues of one key make
--- one job. A job that succeeded within unique_for counts too: it is looked for after our
--- row took the key, so it finished before (an insert waits for a transaction moving the
--- key's live job to history) and this READ COMMITTED statement sees it; our row is then
--- taken back. The loop covers a live job that finished between the insert and the lookup.
-CREATE FUNCTION queue.insert_unique(
+-- insert_job: enqueue's path for a job with a unique key or dependencies, once the
+-- caller passed enqueue's checks.
+-- Unique keys: the unique index decides (ON CONFLICT DO NOTHING), so concurrent enqueues
+-- of one key make one job. A job that succeeded within unique_for counts too: it is
+-- looked for after our row took the key, so it finished before (an insert waits for a
+-- transaction moving the key's live job to history) and this READ COMMITTED statement
+-- sees it; our row is then taken back. The loop covers a live job that finished between
+-- the insert and the lookup.
+-- Dependencies: sql/dependencies.sql. A job whose dependency already failed or was
+-- cancelled is recorded cancelled at once (unless on_dependency_failure = 'run').
+CREATE FUNCTION queue.insert_job(
     q queue.queues, who oid, payload jsonb, run_at timestamptz, priority integer,
     max_attempts integer, timeout interval, unique_key text, unique_for interval,
+    depends_on uuid[], on_dependency_failure text,
     OUT id uuid, OUT created boolean)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
     existing uuid;
+    n_waiting integer := 0;
+    broken_id uuid;
+    broken_state queue.job_state;
 BEGIN
-    IF unique_key IS NULL THEN
-        RAISE EXCEPTION 'unique_for needs a unique_key' USING ERRCODE = 'invalid_parameter_value';
-    END IF;
     IF unique_for IS NOT NULL THEN
+        IF unique_key IS NULL THEN
+            RAISE EXCEPTION 'unique_for needs a unique_key' USING ERRCODE = 'invalid_parameter_value';
+        END IF;
         IF unique_for <= interval '0' THEN
             RAISE EXCEPTION 'unique_for must be positive, not %', unique_for
                 USING ERRCODE = 'invalid_parameter_value';
@@ -160,33 +171,63 @@ BEGIN
                       HINT = 'Enqueue in a READ COMMITTED transaction, or without unique_for.';
         END IF;
     END IF;
+    IF depends_on IS NOT NULL THEN
+        on_dependency_failure := coalesce(on_dependency_failure, 'cancel');
+        IF on_dependency_failure NOT IN ('cancel', 'run') THEN
+            RAISE EXCEPTION 'on_dependency_failure must be cancel or run, not %', on_dependency_failure
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+    ELSIF on_dependency_failure IS NOT NULL THEN
+        RAISE EXCEPTION 'on_dependency_failure needs depends_on' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     FOR i IN 1 .. 100 LOOP
         id := queue.uuid_generate_v7();
+        IF depends_on IS NOT NULL THEN
+            SELECT w.waiting, w.broken, w.broken_state INTO n_waiting, broken_id, broken_state
+              FROM queue.wait_for_dependencies(id, depends_on, who) w;
+            IF broken_id IS NOT NULL AND on_dependency_failure = 'cancel' THEN
+                DELETE FROM queue.job_dependents d WHERE d.child = insert_job.id;
+                INSERT INTO queue.history (id, queue, state, payload, enqueued_by, unique_key, depends_on,
+                                           on_dependency_failure, priority, run_at, attempts, max_attempts,
+                                           timeout, created_at, finished_at, errors)
+                VALUES (id, q.name, 'cancelled', payload, who, unique_key, depends_on, on_dependency_failure,
+                        priority, coalesce(run_at, now()), 0, coalesce(max_attempts, q.max_attempts), timeout,
+                        now(), clock_timestamp(),
+                        jsonb_build_array(jsonb_build_object('attempt', 0, 'at', clock_timestamp(),
+                            'message', format('dependency %s %s', broken_id, broken_state))));
+                created := true;
+                RETURN;
+            END IF;
+        END IF;
         INSERT INTO queue.jobs AS j (id, queue, state, payload, enqueued_by, priority, run_at,
-                                     max_attempts, timeout, created_at, unique_key)
-        VALUES (id, q.name, 'queued', payload, who, priority, coalesce(run_at, now()),
-                coalesce(max_attempts, q.max_attempts), timeout, now(), unique_key)
+                                     max_attempts, timeout, created_at, unique_key, depends_on,
+                                     on_dependency_failure, waiting_for)
+        VALUES (id, q.name, CASE WHEN n_waiting > 0 THEN 'waiting' ELSE 'queued' END::queue.job_state,
+                payload, who, priority, coalesce(run_at, now()), coalesce(max_attempts, q.max_attempts),
+                timeout, now(), unique_key, depends_on, on_dependency_failure, n_waiting)
         ON CONFLICT (queue, unique_key) WHERE j.unique_key IS NOT NULL DO NOTHING;
         IF FOUND THEN
             IF unique_for IS NOT NULL THEN
                 SELECT h.id INTO existing FROM queue.history h
-                 WHERE h.queue = q.name AND h.unique_key = insert_unique.unique_key
+                 WHERE h.queue = q.name AND h.unique_key = insert_job.unique_key
                    AND h.state = 'succeeded' AND h.finished_at > clock_timestamp() - unique_for
                  ORDER BY h.finished_at DESC LIMIT 1;
                 IF FOUND THEN
-                    DELETE FROM queue.jobs j WHERE j.id = insert_unique.id;
+                    DELETE FROM queue.jobs j WHERE j.id = insert_job.id;
+                    DELETE FROM queue.job_dependents d WHERE d.child = insert_job.id;
                     id := existing;
                     created := false;
                     RETURN;
                 END IF;
             END IF;
-            IF run_at IS NULL OR run_at <= now() THEN
+            IF n_waiting = 0 AND (run_at IS NULL OR run_at <= now()) THEN
                 PERFORM queue.announce(q, 1, id);
             END IF;
             created := true;
             RETURN;
         END IF;
-        SELECT j.id INTO id FROM queue.jobs j WHERE j.queue = q.name AND j.unique_key = insert_unique.unique_key;
+        DELETE FROM queue.job_dependents d WHERE d.child = insert_job.id;
+        SELECT j.id INTO id FROM queue.jobs j WHERE j.queue = q.name AND j.unique_key = insert_job.unique_key;
         IF FOUND THEN
             created := false;
             RETURN;
@@ -205,7 +246,9 @@ CREATE FUNCTION queue.enqueue_unique(
     priority     integer     DEFAULT 0,
     max_attempts integer     DEFAULT NULL,
     timeout      interval    DEFAULT NULL,
-    unique_for   interval    DEFAULT NULL)
+    unique_for   interval    DEFAULT NULL,
+    depends_on   uuid[]      DEFAULT NULL,
+    on_dependency_failure text DEFAULT NULL)
 RETURNS TABLE (id uuid, created boolean)
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -222,11 +265,11 @@ BEGIN
     PERFORM queue.check_capacity(q, ARRAY[payload]);
     PERFORM queue.check_job_options(priority, max_attempts, timeout);
     RETURN QUERY SELECT u.id, u.created
-      FROM queue.insert_unique(q, queue.caller(), payload, run_at, priority, max_attempts, timeout,
-                               unique_key, unique_for) u;
+      FROM queue.insert_job(q, queue.caller(), payload, run_at, priority, max_attempts, timeout,
+                            unique_key, unique_for, depends_on, on_dependency_failure) u;
 END
 $$;
-COMMENT ON FUNCTION queue.enqueue_unique(text, text, jsonb, timestamptz, integer, integer, interval, interval) IS
+COMMENT ON FUNCTION queue.enqueue_unique(text, text, jsonb, timestamptz, integer, integer, interval, interval, uuid[], text) IS
     'Enqueues a job unless one of the queue with unique_key is live (or succeeded less than unique_for ago); returns the id of the job that stands for the key and whether this call created it.';
 
 CREATE FUNCTION queue.enqueue_many(
@@ -340,10 +383,10 @@ BEGIN
                     WHERE j.id = cancel.id
                       AND (j.state IN ('queued', 'waiting') OR j.consumer IS NOT NULL)
                    RETURNING j.*)
-        INSERT INTO queue.history (id, queue, state, payload, enqueued_by, unique_key, priority, run_at, attempts,
+        INSERT INTO queue.history (id, queue, state, payload, enqueued_by, unique_key, depends_on, on_dependency_failure, priority, run_at, attempts,
                                    max_attempts, timeout, created_at, started_at, finished_at, worker_pid,
                                    consumer, errors)
-        SELECT d.id, d.queue, 'cancelled', d.payload, d.enqueued_by, d.unique_key, d.priority, d.run_at, d.attempts,
+        SELECT d.id, d.queue, 'cancelled', d.payload, d.enqueued_by, d.unique_key, d.depends_on, d.on_dependency_failure, d.priority, d.run_at, d.attempts,
                d.max_attempts, d.timeout, d.created_at, d.started_at, clock_timestamp(), d.worker_pid,
                d.consumer, d.errors
           FROM d;
@@ -365,13 +408,13 @@ SELECT j.id, j.queue, j.state, j.state = 'queued' AND j.run_at > now() AS schedu
        j.attempts, j.max_attempts, j.priority, j.run_at, j.created_at, j.started_at,
        NULL::timestamptz AS finished_at, j.errors -> -1 ->> 'message' AS last_error,
        j.errors, NULL::jsonb AS result, j.worker_pid, j.consumer, j.lease_expires_at, j.payload,
-       j.enqueued_by, j.unique_key
+       j.enqueued_by, j.unique_key, j.depends_on, j.waiting_for
   FROM queue.jobs j
 UNION ALL
 SELECT h.id, h.queue, h.state, false, h.attempts, h.max_attempts, h.priority, h.run_at,
        h.created_at, h.started_at, h.finished_at, h.errors -> -1 ->> 'message', h.errors,
        h.result, h.worker_pid, h.consumer, NULL::timestamptz, h.payload, h.enqueued_by,
-       h.unique_key
+       h.unique_key, h.depends_on, 0
   FROM queue.history h;
 
 -- job_status: the jobs the current role may see. A security barrier: a function in a
@@ -403,6 +446,9 @@ DECLARE
     h queue.history;
     q queue.queues;
     n integer;
+    waiting integer := 0;
+    broken uuid;
+    broken_state queue.job_state;
 BEGIN
     IF id IS NULL THEN
         RAISE EXCEPTION 'id must not be NULL' USING ERRCODE = 'null_value_not_allowed';
@@ -419,25 +465,37 @@ BEGIN
         RETURN false;
     END IF;
     q := queue.find_queue(h.queue);
+    -- A dependent waits again for the dependencies that have not finished; one that failed
+    -- or was cancelled must be retried first (unless the job runs anyway).
+    IF h.depends_on IS NOT NULL THEN
+        SELECT w.waiting, w.broken, w.broken_state INTO waiting, broken, broken_state
+          FROM queue.wait_for_dependencies(retry.id, h.depends_on, NULL) w;
+        IF broken IS NOT NULL AND h.on_dependency_failure = 'cancel' THEN
+            RAISE EXCEPTION 'job % depends on job %, which %', retry.id, broken, broken_state
+                USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'Retry that job first.';
+        END IF;
+    END IF;
     -- A retried job gets its full attempts again; its errors stay, each naming its attempt.
     WITH d AS (DELETE FROM queue.history x
                 WHERE x.id = retry.id AND x.state IN ('failed', 'cancelled')
                   AND x.finished_at >= queue.uuid_time(retry.id) - interval '1 day'
                RETURNING x.*)
-    INSERT INTO queue.jobs (id, queue, state, payload, enqueued_by, unique_key, priority, run_at, attempts,
+    INSERT INTO queue.jobs (id, queue, state, payload, enqueued_by, unique_key, depends_on,
+                            on_dependency_failure, waiting_for, priority, run_at, attempts,
                             max_attempts, timeout, created_at, errors)
-    SELECT d.id, d.queue, 'queued', d.payload, d.enqueued_by, d.unique_key, d.priority, now(), 0, d.max_attempts,
-           d.timeout, d.created_at, d.errors
+    SELECT d.id, d.queue, CASE WHEN waiting > 0 THEN 'waiting' ELSE 'queued' END::queue.job_state,
+           d.payload, d.enqueued_by, d.unique_key, d.depends_on, d.on_dependency_failure, waiting,
+           d.priority, now(), 0, d.max_attempts, d.timeout, d.created_at, d.errors
       FROM d;
     GET DIAGNOSTICS n = ROW_COUNT;
-    IF n > 0 THEN
+    IF n > 0 AND waiting = 0 THEN
         PERFORM queue.announce(q, 1, retry.id);
     END IF;
     RETURN n > 0;
 END
 $$;
 COMMENT ON FUNCTION queue.retry(uuid) IS
-    'Re-queues a failed or cancelled job with a fresh set of attempts; false when the job is live or succeeded.';
+    'Re-queues a failed or cancelled job with a fresh set of attempts (a dependent waits again for its unfinished dependencies); false when the job is live or succeeded.';
 
 -- backoff: delay before retrying a job whose attempt `attempt` failed: exponential from
 -- `base`, capped at `max`, with "equal jitter" (uniform in [d/2, d]) so that jobs that
@@ -483,7 +541,7 @@ COMMENT ON FUNCTION queue.purge(text, interval, queue.job_state[]) IS
 CREATE VIEW queue.stats WITH (security_barrier) AS
 SELECT q.name AS queue, q.paused, q.is_full, q.concurrency,
        coalesce(l.ready, 0) AS ready, coalesce(l.scheduled, 0) AS scheduled,
-       coalesce(l.running, 0) AS running, l.oldest_ready_age,
+       coalesce(l.running, 0) AS running, coalesce(l.waiting, 0) AS waiting, l.oldest_ready_age,
        coalesce(h.succeeded, 0) AS succeeded_last_hour, coalesce(h.failed, 0) AS failed_last_hour,
        coalesce(h.cancelled, 0) AS cancelled_last_hour,
        round(coalesce(h.last_minute, 0) / 60.0, 1) AS finished_per_second_last_minute
@@ -492,6 +550,7 @@ SELECT q.name AS queue, q.paused, q.is_full, q.concurrency,
       SELECT count(*) FILTER (WHERE j.state = 'queued' AND j.run_at <= now()) AS ready,
              count(*) FILTER (WHERE j.state = 'queued' AND j.run_at > now()) AS scheduled,
              count(*) FILTER (WHERE j.state = 'running') AS running,
+             count(*) FILTER (WHERE j.state = 'waiting') AS waiting,
              now() - min(j.run_at) FILTER (WHERE j.state = 'queued' AND j.run_at <= now()) AS oldest_ready_age
         FROM queue.jobs j WHERE j.queue = q.name) l ON true
   LEFT JOIN LATERAL (
@@ -504,4 +563,4 @@ SELECT q.name AS queue, q.paused, q.is_full, q.concurrency,
  WHERE pg_catalog.pg_has_role(current_user, 'pg_monitor', 'USAGE')
     OR q.name IN (SELECT p.queue FROM queue.my_privileges() p WHERE p.read);
 COMMENT ON VIEW queue.stats IS
-    'Per queue: ready, scheduled and running jobs, the age of the oldest ready one, and the last hour''s outcomes and throughput.';
+    'Per queue: ready, scheduled, running and waiting jobs, the age of the oldest ready one, and the last hour''s outcomes and throughput.';

@@ -275,10 +275,10 @@ BEGIN
         DELETE FROM queue.schedule_defs s WHERE s.queue = q.name;
     END IF;
     WITH d AS (DELETE FROM queue.jobs WHERE jobs.queue = q.name RETURNING *)
-    INSERT INTO queue.history (id, queue, state, payload, enqueued_by, unique_key, priority, run_at, attempts,
+    INSERT INTO queue.history (id, queue, state, payload, enqueued_by, unique_key, depends_on, on_dependency_failure, priority, run_at, attempts,
                                max_attempts, timeout, created_at, started_at, finished_at, worker_pid,
                                consumer, errors)
-    SELECT id, queue, 'cancelled', payload, enqueued_by, unique_key, priority, run_at, attempts, max_attempts,
+    SELECT id, queue, 'cancelled', payload, enqueued_by, unique_key, depends_on, on_dependency_failure, priority, run_at, attempts, max_attempts,
            timeout, created_at, started_at, clock_timestamp(), worker_pid, consumer,
            errors || jsonb_build_object('attempt', attempts, 'at', clock_timestamp(),
                                         'message', 'queue dropped')

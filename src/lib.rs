@@ -56,6 +56,11 @@ extension_sql_file!(
     ]
 );
 extension_sql_file!(
+    "../sql/dependencies.sql",
+    name = "dependencies",
+    requires = ["jobs"]
+);
+extension_sql_file!(
     "../sql/consumers.sql",
     name = "consumers",
     requires = ["jobs", api::executors]

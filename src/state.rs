@@ -5,7 +5,8 @@
 /// A job's state. Each doc line names who moves a job out of it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum JobState {
-    /// Waits for dependencies (reserved: dependencies are not implemented yet).
+    /// Waits for dependencies (`depends_on`). Left when the last one finishes (queued; a
+    /// failed or cancelled one cancels it unless it runs anyway), or by `cancel`.
     Waiting,
     /// Ready once `run_at` is reached. Left by an executor's claim, or by `cancel`.
     Queued,
@@ -65,6 +66,8 @@ impl JobState {
                 | (Running, Cancelled)
                 | (Failed, Queued) // queue.retry()
                 | (Cancelled, Queued) // queue.retry()
+                | (Failed, Waiting) // queue.retry() of a dependent
+                | (Cancelled, Waiting) // queue.retry() of a dependent
         )
     }
 }
@@ -80,7 +83,7 @@ mod unit_tests {
                 let allowed = from.can_move_to(to);
                 assert_eq!(
                     allowed,
-                    from != Succeeded && to == Queued,
+                    from != Succeeded && (to == Queued || to == Waiting),
                     "{from:?} -> {to:?}"
                 );
             }

@@ -380,7 +380,7 @@ mod tests {
 
     #[pg_test]
     fn state_machine_and_table_invariants() {
-        assert_eq!(count("SELECT count(*) FROM queue.job_transitions()"), 10);
+        assert_eq!(count("SELECT count(*) FROM queue.job_transitions()"), 12);
         assert_eq!(
             count("SELECT count(*) FROM queue.job_transitions() WHERE from_state = 'succeeded'"),
             0
@@ -394,6 +394,11 @@ mod tests {
              VALUES (gen_random_uuid(), 'inv', 'running', '{}', 10, now(), 1, now())",
             "INSERT INTO queue.jobs (id, queue, state, payload, enqueued_by, run_at, attempts, max_attempts, created_at)
              VALUES (gen_random_uuid(), 'inv', 'queued', '{}', 10, now(), 2, 1, now())",
+            // waiting exactly while some dependency has not finished
+            "INSERT INTO queue.jobs (id, queue, state, payload, enqueued_by, run_at, max_attempts, created_at)
+             VALUES (gen_random_uuid(), 'inv', 'waiting', '{}', 10, now(), 1, now())",
+            "INSERT INTO queue.jobs (id, queue, state, payload, enqueued_by, run_at, max_attempts, created_at, waiting_for)
+             VALUES (gen_random_uuid(), 'inv', 'queued', '{}', 10, now(), 1, now(), 1)",
         ];
         for stmt in cases {
             assert_eq!(sqlstate(stmt).as_deref(), Some("23514"), "{stmt}");

@@ -449,10 +449,10 @@ WITH o AS (
        AND o.state <> 'queued' AND j.id = o.id AND j.state = 'running' AND j.lease_token = o.token
     RETURNING j.*, o.state AS new_state, o.result AS new_result, o.error AS new_error
 ), moved AS (
-    INSERT INTO queue.history (id, queue, state, payload, enqueued_by, unique_key, priority, run_at, attempts,
+    INSERT INTO queue.history (id, queue, state, payload, enqueued_by, unique_key, depends_on, on_dependency_failure, priority, run_at, attempts,
                                max_attempts, timeout, created_at, started_at, finished_at, worker_pid,
                                result, errors)
-    SELECT id, queue, new_state, payload, enqueued_by, unique_key, priority, run_at, attempts, max_attempts, timeout,
+    SELECT id, queue, new_state, payload, enqueued_by, unique_key, depends_on, on_dependency_failure, priority, run_at, attempts, max_attempts, timeout,
            created_at, started_at, clock_timestamp(), worker_pid, new_result,
            CASE WHEN new_error IS NULL THEN errors
                 ELSE errors || (new_error || jsonb_build_object('at', clock_timestamp())) END

@@ -49,10 +49,10 @@ WITH dead AS (
      WHERE j.id = dead.id AND j.attempts >= j.max_attempts
     RETURNING j.*, dead.message
 ), history AS (
-    INSERT INTO queue.history (id, queue, state, payload, enqueued_by, unique_key, priority, run_at, attempts,
+    INSERT INTO queue.history (id, queue, state, payload, enqueued_by, unique_key, depends_on, on_dependency_failure, priority, run_at, attempts,
                                max_attempts, timeout, created_at, started_at, finished_at, worker_pid,
                                consumer, errors)
-    SELECT id, queue, 'failed', payload, enqueued_by, unique_key, priority, run_at, attempts, max_attempts, timeout,
+    SELECT id, queue, 'failed', payload, enqueued_by, unique_key, depends_on, on_dependency_failure, priority, run_at, attempts, max_attempts, timeout,
            created_at, started_at, clock_timestamp(), worker_pid, consumer,
            errors || jsonb_build_object('attempt', attempts, 'at', clock_timestamp(),
                                         'sqlstate', 'XX000', 'message', message,
