@@ -171,19 +171,17 @@ class Bench:
                         lambda: self.pgbench(FLOOR_INSERT, c, seconds=secs),
                         lambda: self.pgbench("SELECT queue.enqueue('bench_enqueue', '{\"i\": 1}');",
                                              c, seconds=secs))
-        # Keyed enqueue (a fresh key per call: the insert path, not the duplicate one).
-        keyed = ("\\set k random(1, 1000000000)\n"
-                 "SELECT queue.enqueue('bench_enqueue', '{\"i\": 1}', unique_key => 'k' || :k);")
-        self.paired("enqueue with unique_key, 1 client", "jobs/s", "INSERT floor, 1 client(s)",
-                    lambda: self.pgbench(FLOOR_INSERT, 1, seconds=secs),
-                    lambda: self.pgbench(keyed, 1, seconds=secs))
-        # Enqueue depending on one live job (of a paused queue): one edge and a key-share lock.
+        # Keyed enqueue (a fresh key per call: the insert path, not the duplicate one), and
+        # enqueue depending on one live job (of the paused queue: an edge, a key-share lock).
         self.sql("CREATE TABLE bench_parent AS SELECT queue.enqueue('bench_enqueue') AS id")
-        dependent = ("SELECT queue.enqueue('bench_enqueue', '{\"i\": 1}', "
-                     "depends_on => ARRAY[(SELECT id FROM bench_parent)]);")
-        self.paired("enqueue with depends_on, 1 client", "jobs/s", "INSERT floor, 1 client(s)",
-                    lambda: self.pgbench(FLOOR_INSERT, 1, seconds=secs),
-                    lambda: self.pgbench(dependent, 1, seconds=secs))
+        for option, script in [
+                ("unique_key", "\\set k random(1, 1000000000)\n"
+                               "SELECT queue.enqueue('bench_enqueue', '{\"i\": 1}', unique_key => 'k' || :k);"),
+                ("depends_on", "SELECT queue.enqueue('bench_enqueue', '{\"i\": 1}', "
+                               "depends_on => ARRAY[(SELECT id FROM bench_parent)]);")]:
+            self.paired(f"enqueue with {option}, 1 client", "jobs/s", "INSERT floor, 1 client(s)",
+                        lambda: self.pgbench(FLOOR_INSERT, 1, seconds=secs),
+                        lambda: self.pgbench(script, 1, seconds=secs))
         self.sql("DROP TABLE bench_parent")
         calls = self.size["many_calls"]
         with self.cluster.connect() as db:

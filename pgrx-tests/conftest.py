@@ -4,6 +4,8 @@ import itertools
 import os
 import time
 
+import psycopg
+
 import pytest
 
 from cluster import Cluster
@@ -46,6 +48,15 @@ def wait_for(fn, timeout=60.0, interval=0.02, what="condition"):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {value!r})")
         time.sleep(interval)
+
+
+def sqlstate(conn, sql, params=None):
+    """The SQLSTATE a statement fails with, or None when it succeeds."""
+    try:
+        conn.execute(sql, params)
+    except psycopg.Error as e:
+        return e.sqlstate
+    return None
 
 
 def scalar(conn, sql, params=None):

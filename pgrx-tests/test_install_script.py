@@ -18,6 +18,7 @@ How pgspot is run, and why each option:
   every name in their bodies qualified instead, which pgspot does check (their bodies are
   analysed as running under an unsafe search_path).
 """
+import contextlib
 import glob
 import os
 import re
@@ -106,27 +107,31 @@ def test_internal_helpers_are_closed_to_every_role(db):
         assert sig not in granted, f"{sig} is executable by someone else: {acl}"
 
 
-def test_create_extension_leaves_the_sessions_search_path_alone(cluster):
+@contextlib.contextmanager
+def scratch_database(cluster, name):
+    """A connection to a new database without pg_queue, dropped afterwards."""
     with cluster.connect() as su:
-        su.execute("CREATE DATABASE path_check")
+        su.execute(f"CREATE DATABASE {name}")
     try:
-        with cluster.connect(dbname="path_check") as su:
-            su.execute("SET search_path TO public, pg_temp")
-            su.execute("CREATE EXTENSION pg_queue")
-            assert su.execute("SHOW search_path").fetchone() == ("public, pg_temp",)
-            su.execute("CREATE TABLE made_after (x int)")
-            assert su.execute("SELECT 'made_after'::regclass::text").fetchone() == ("made_after",)
-            assert su.execute("SELECT to_regclass('public.made_after') IS NOT NULL").fetchone() == (True,)
+        with cluster.connect(dbname=name) as conn:
+            yield conn
     finally:
         with cluster.connect() as su:
-            su.execute("DROP DATABASE path_check")
+            su.execute(f"DROP DATABASE {name}")
+
+
+def test_create_extension_leaves_the_sessions_search_path_alone(cluster):
+    with scratch_database(cluster, "path_check") as su:
+        su.execute("SET search_path TO public, pg_temp")
+        su.execute("CREATE EXTENSION pg_queue")
+        assert su.execute("SHOW search_path").fetchone() == ("public, pg_temp",)
+        su.execute("CREATE TABLE made_after (x int)")
+        assert su.execute("SELECT to_regclass('public.made_after') IS NOT NULL").fetchone() == (True,)
 
 
 def test_an_existing_schema_owned_by_an_ordinary_role_is_refused(cluster):
-    with cluster.connect() as su:
-        su.execute("CREATE DATABASE squat")
     try:
-        with cluster.connect(dbname="squat") as su:
+        with scratch_database(cluster, "squat") as su:
             su.execute("CREATE ROLE squatter LOGIN")
             su.execute("CREATE SCHEMA queue AUTHORIZATION squatter")
             with pytest.raises(psycopg.Error) as e:
@@ -138,5 +143,4 @@ def test_an_existing_schema_owned_by_an_ordinary_role_is_refused(cluster):
             assert su.execute("SELECT count(*) FROM queue.queues").fetchone() == (0,)
     finally:
         with cluster.connect() as su:
-            su.execute("DROP DATABASE squat")
             su.execute("DROP ROLE squatter")

@@ -4,7 +4,7 @@ next handler. Each test names the threat of SECURITY.md it covers."""
 import psycopg
 import pytest
 
-from conftest import scalar, wait_for, wait_terminal
+from conftest import scalar, sqlstate, wait_for, wait_terminal
 
 CLUSTER_SETTINGS = {"queue.max_workers": "1"}
 
@@ -26,14 +26,6 @@ def roles(cluster):
 
 def connect(cluster, role):
     return cluster.connect(user=role)
-
-
-def sqlstate(conn, sql, params=None):
-    try:
-        conn.execute(sql, params)
-    except psycopg.Error as e:
-        return e.sqlstate
-    return None
 
 
 def handler_queue(conn, role, name, body, **opts):

@@ -5,7 +5,7 @@ import threading
 import psycopg
 import pytest
 
-from conftest import scalar, wait_for, wait_terminal
+from conftest import scalar, sqlstate, wait_for, wait_terminal
 
 
 def jobs_of_key(db, queue, key):
@@ -13,14 +13,6 @@ def jobs_of_key(db, queue, key):
     return scalar(db, """SELECT (SELECT count(*) FROM queue.jobs WHERE queue = %(q)s AND unique_key = %(k)s)
                               + (SELECT count(*) FROM queue.history WHERE queue = %(q)s AND unique_key = %(k)s)""",
                   {"q": queue, "k": key})
-
-
-def sqlstate(db, sql, params=None):
-    try:
-        db.execute(sql, params)
-    except psycopg.Error as e:
-        return e.sqlstate
-    return None
 
 
 def test_a_second_enqueue_returns_the_live_job(db, name):
