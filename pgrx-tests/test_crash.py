@@ -166,3 +166,32 @@ def test_poison_handler_crashing_its_backend_ends_failed(cluster, name):
                        (poison,)).fetchone()
     assert st == ("failed", 3, "executor died")
     assert assert_exactly_once(cluster, name, 100) == {"succeeded": 100}
+
+
+def test_kill_9_while_dependencies_finish(cluster, name):
+    """Executors killed while parents finish and release their dependents: every dependent
+    runs exactly once, after all its parents, and none is left waiting."""
+    setup_queue(cluster, name)
+    setup_queue(cluster, name + "_c")
+    rounds, groups, parents = 5, 10, 20
+    for _ in range(rounds):
+        with cluster.connect() as c:
+            for _ in range(groups):
+                ids = [r[0] for r in c.execute(
+                    "SELECT queue.enqueue_many(%s, array_fill('{}'::jsonb, ARRAY[%s]))", (name, parents))]
+                c.execute("SELECT queue.enqueue(%s, depends_on => %s)", (name + "_c", ids))
+        wait_for_running(cluster, name)
+        kill_and_recover(cluster, random.choice(workers(cluster, "executor")))
+    wait_all_terminal(cluster, name, rounds * groups * parents)
+    wait_all_terminal(cluster, name + "_c", rounds * groups)
+    assert assert_exactly_once(cluster, name, rounds * groups * parents) == \
+        {"succeeded": rounds * groups * parents}
+    assert assert_exactly_once(cluster, name + "_c", rounds * groups) == {"succeeded": rounds * groups}
+    with cluster.connect() as c:
+        early = c.execute("""
+            SELECT count(*) FROM queue.history child, unnest(child.depends_on) p(id)
+              JOIN queue.history parent ON parent.id = p.id
+             WHERE child.queue = %s AND child.started_at < parent.finished_at""",
+                          (name + "_c",)).fetchone()[0]
+        assert early == 0
+        assert c.execute("SELECT count(*) FROM queue.job_dependents").fetchone()[0] == 0
