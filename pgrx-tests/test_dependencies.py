@@ -6,7 +6,7 @@ import threading
 import psycopg
 import pytest
 
-from conftest import scalar, wait_for, wait_terminal
+from conftest import scalar, sqlstate, wait_for, wait_terminal
 
 
 def logging_queue(db, name, **opts):
@@ -211,3 +211,31 @@ def test_a_job_others_cannot_see_is_not_a_dependency(cluster, db, name):
         assert e.value.sqlstate == "42704"
         assert str(secret) in str(e.value)
     assert scalar(db, "SELECT count(*) FROM queue.jobs WHERE queue = %s", (name + "_mine",)) == 0
+
+
+def test_a_fan_in_handler_reads_its_dependencies_results(cluster, db, name):
+    db.execute("SELECT queue.create_queue(%s, notify => true, max_attempts => 1)", (name + "_p",))
+    db.execute(f"CREATE TABLE {name}_seen (results jsonb)")
+    db.execute(f"""CREATE PROCEDURE {name}_h(payload jsonb) LANGUAGE sql AS $$
+        INSERT INTO {name}_seen SELECT jsonb_agg(jsonb_build_array(r.state, r.result, r.last_error))
+          FROM queue.dependency_results() r $$""")
+    db.execute("SELECT queue.create_queue(%s, %s)", (name, f"public.{name}_h(jsonb)"))
+    parents = [scalar(db, "SELECT queue.enqueue(%s)", (name + "_p",)) for _ in range(3)]
+    child = enqueue(db, name, "{}", parents, on_dependency_failure="run")
+    for i, outcome in enumerate(["complete", "fail", "complete"]):
+        job, token = db.execute("SELECT id, lease_token FROM queue.claim(%s, 'c', 1)",
+                                (name + "_p",)).fetchone()
+        assert job == parents[i]
+        if outcome == "complete":
+            db.execute("SELECT queue.complete(%s, %s, %s)", (job, token, f'{{"part": {i}}}'))
+        else:
+            db.execute("SELECT queue.fail(%s, %s, 'no luck')", (job, token))
+    wait_for(lambda: state(db, child) == "succeeded", what="the fan-in job")
+    assert scalar(db, f"SELECT results FROM {name}_seen") == [
+        ["succeeded", {"part": 0}, None], ["failed", None, "no luck"], ["succeeded", {"part": 2}, None]]
+    assert [r[0] for r in db.execute("SELECT id FROM queue.dependency_results(%s)", (child,))] == parents
+    assert sqlstate(db, "SELECT queue.dependency_results()") == "22004"
+    db.execute(f"CREATE ROLE {name}_x LOGIN")
+    db.execute(f"GRANT USAGE ON SCHEMA queue TO {name}_x")
+    with cluster.connect(user=f"{name}_x") as x:
+        assert sqlstate(x, "SELECT queue.dependency_results(%s)", (child,)) == "42704"

@@ -140,3 +140,33 @@ $$;
 CREATE TRIGGER history_release_dependents AFTER INSERT ON queue.history
     REFERENCING NEW TABLE AS finished
     FOR EACH STATEMENT EXECUTE FUNCTION queue.release_dependents();
+
+-- dependency_results: the dependencies of job `job` (by default the job whose handler is
+-- running), in depends_on order, with their state and result: what a fan-in handler
+-- combines. Dependencies the caller may not see are left out; a job it may not see: 42704.
+CREATE FUNCTION queue.dependency_results(job uuid DEFAULT NULL)
+RETURNS TABLE (id uuid, queue text, state queue.job_state, result jsonb, last_error text)
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    target uuid := coalesce(dependency_results.job, (SELECT c.id FROM queue.current_job() c));
+    who oid := queue.caller();
+    j record;
+BEGIN
+    IF target IS NULL THEN
+        RAISE EXCEPTION 'no job given, and no handler is running' USING ERRCODE = 'null_value_not_allowed',
+            HINT = 'Pass the job''s id, or call it from the job''s handler.';
+    END IF;
+    SELECT s.depends_on, s.queue, s.enqueued_by INTO j FROM queue.all_jobs s WHERE s.id = target;
+    IF NOT FOUND OR NOT queue.sees_job(who, j.queue, j.enqueued_by) THEN
+        RAISE EXCEPTION 'job % does not exist', target USING ERRCODE = 'undefined_object';
+    END IF;
+    RETURN QUERY
+    SELECT s.id, s.queue, s.state, s.result, s.last_error
+      FROM unnest(j.depends_on) WITH ORDINALITY AS d(id, n)
+      JOIN queue.all_jobs s ON s.id = d.id
+     WHERE queue.sees_job(who, s.queue, s.enqueued_by)
+     ORDER BY d.n;
+END
+$$;
+COMMENT ON FUNCTION queue.dependency_results(uuid) IS
+    'The dependencies of a job (default: the one whose handler is running), in depends_on order, with state, result and last error.';
