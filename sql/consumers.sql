@@ -72,21 +72,26 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION queue.claim(
-    queue    text,
-    consumer text,
-    n        integer  DEFAULT 1,
-    lease    interval DEFAULT '30 seconds')
-RETURNS TABLE (id uuid, payload jsonb, attempt integer, lease_token uuid, lease_expires_at timestamptz)
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+-- claimable: a queue the caller may claim from (42704, 42501), which must be a NOTIFY queue.
+CREATE FUNCTION queue.claimable(queue_name text) RETURNS queue.queues
+LANGUAGE plpgsql AS $$
 DECLARE
-    q queue.queues := queue.authorize(claim.queue, 'consume');
+    q queue.queues := queue.authorize(queue_name, 'consume');
 BEGIN
     IF NOT q.notify THEN
         RAISE EXCEPTION 'queue "%" runs its jobs in the database (handler %)', q.name, q.handler
             USING ERRCODE = 'wrong_object_type',
                   HINT = 'Only the jobs of a NOTIFY queue (create_queue(..., notify => true)) are claimed by external consumers.';
-    ELSIF consumer IS NULL OR consumer !~ '^\S.{0,127}$' THEN
+    END IF;
+    RETURN q;
+END
+$$;
+
+-- check_claim: claim's other arguments.
+CREATE FUNCTION queue.check_claim(consumer text, n integer, lease interval) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF consumer IS NULL OR consumer !~ '^\S.{0,127}$' THEN
         RAISE EXCEPTION 'consumer must be a name of 1 to 128 characters, not %', coalesce(quote_literal(consumer), 'NULL')
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'Name each consumer process uniquely, e.g. host name and pid.';
@@ -97,6 +102,20 @@ BEGIN
         RAISE EXCEPTION 'lease must not be NULL' USING ERRCODE = 'null_value_not_allowed';
     END IF;
     PERFORM queue.check_lease(lease);
+END
+$$;
+
+CREATE FUNCTION queue.claim(
+    queue    text,
+    consumer text,
+    n        integer  DEFAULT 1,
+    lease    interval DEFAULT '30 seconds')
+RETURNS TABLE (id uuid, payload jsonb, attempt integer, lease_token uuid, lease_expires_at timestamptz)
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    q queue.queues := queue.claimable(claim.queue);
+BEGIN
+    PERFORM queue.check_claim(consumer, n, lease);
     PERFORM queue.seen(consumer);
     IF q.paused THEN
         RETURN;
@@ -123,6 +142,67 @@ END
 $$;
 COMMENT ON FUNCTION queue.claim(text, text, integer, interval) IS
     'NOTIFY queues: takes up to n ready jobs for consumer (a unique name per process) and returns them with the lease token every later call needs and when the lease expires. Nothing while paused or at the queue''s concurrency limit.';
+
+-- claim(queues text[], ...): one consumer serving several NOTIFY queues. Each queue's
+-- claims stay serialised (its lock, taken in name order so that two such consumers
+-- cannot deadlock) and within its concurrency; across queues jobs come in (priority,
+-- run_at, id) order, as within one.
+CREATE FUNCTION queue.claim(
+    queues   text[],
+    consumer text,
+    n        integer  DEFAULT 1,
+    lease    interval DEFAULT '30 seconds')
+RETURNS TABLE (id uuid, queue text, payload jsonb, attempt integer, lease_token uuid,
+               lease_expires_at timestamptz)
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    open_queues text[] := '{}';
+    name text;
+    q queue.queues;
+BEGIN
+    IF queues IS NULL OR array_position(queues, NULL) IS NOT NULL THEN
+        RAISE EXCEPTION 'queues must not be NULL nor contain NULL' USING ERRCODE = 'null_value_not_allowed';
+    ELSIF cardinality(queues) NOT BETWEEN 1 AND 100 THEN
+        RAISE EXCEPTION 'queues must name 1 to 100 queues, not %', cardinality(queues)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOR name IN SELECT DISTINCT x FROM unnest(queues) x ORDER BY 1 LOOP
+        q := queue.claimable(name);
+        IF NOT q.paused THEN
+            open_queues := open_queues || q.name;
+        END IF;
+    END LOOP;
+    PERFORM queue.check_claim(consumer, n, lease);
+    PERFORM queue.seen(consumer);
+    FOREACH name IN ARRAY open_queues LOOP
+        PERFORM pg_advisory_xact_lock(1885827445, hashtext(name));
+    END LOOP;
+    RETURN QUERY
+    WITH b AS (
+        SELECT x.name, x.concurrency - (SELECT count(*) FROM queue.jobs r
+                                         WHERE r.queue = x.name AND r.state = 'running') AS budget
+          FROM queue.queues x WHERE x.name = ANY (open_queues)
+    ), c AS (
+        SELECT k.id FROM b
+         CROSS JOIN LATERAL (
+            SELECT j.id, j.priority, j.run_at FROM queue.jobs j
+             WHERE j.queue = b.name AND j.state = 'queued' AND j.run_at <= clock_timestamp()
+             ORDER BY j.priority, j.run_at, j.id
+             LIMIT greatest(0, least(n, b.budget))
+               FOR UPDATE SKIP LOCKED) k
+         ORDER BY k.priority, k.run_at, k.id
+         LIMIT n
+    )
+    UPDATE queue.jobs j
+       SET state = 'running', attempts = j.attempts + 1, started_at = clock_timestamp(),
+           worker_pid = pg_backend_pid(), consumer = claim.consumer, lease = claim.lease,
+           lease_expires_at = clock_timestamp() + claim.lease, lease_token = gen_random_uuid()
+     WHERE j.id = ANY(ARRAY(SELECT c.id FROM c))
+    RETURNING j.id, j.queue, j.payload, j.attempts, j.lease_token, j.lease_expires_at;
+END
+$$;
+COMMENT ON FUNCTION queue.claim(text[], text, integer, interval) IS
+    'NOTIFY queues: takes up to n ready jobs from any of queues for consumer, in priority order across them and within each queue''s concurrency; returns each job''s queue too.';
 
 CREATE FUNCTION queue.heartbeat(id uuid, lease_token uuid, lease interval DEFAULT NULL)
 RETURNS boolean LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$

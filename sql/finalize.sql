@@ -18,10 +18,11 @@ GRANT EXECUTE ON FUNCTION
     queue.create_queue, queue.alter_queue, queue.drop_queue, queue.pause, queue.resume,
     queue."grant", queue.revoke, queue.my_privileges,
     -- jobs
-    queue.enqueue, queue.enqueue_unique, queue.enqueue_many, queue.dependency_results, queue.cancel, queue.status, queue.retry, queue.purge,
-    queue.current_job,
+    queue.enqueue, queue.enqueue_unique, queue.enqueue_many, queue.dependency_results,
+    queue.cancel, queue.status, queue.retry, queue.purge, queue.current_job,
     -- external consumers
-    queue.claim, queue.heartbeat, queue.complete, queue.fail, queue.channel,
+    queue.claim(text, text, integer, interval), queue.claim(text[], text, integer, interval),
+    queue.heartbeat, queue.complete, queue.fail, queue.channel,
     -- schedules
     queue.schedule, queue.alter_schedule, queue.unschedule, queue.cron_next,
     -- pure helpers, and what the views call
