@@ -2,6 +2,7 @@
 wait-with-deadline helpers (never bare sleeps)."""
 import itertools
 import os
+import threading
 import time
 
 import psycopg
@@ -48,6 +49,25 @@ def wait_for(fn, timeout=60.0, interval=0.02, what="condition"):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {value!r})")
         time.sleep(interval)
+
+
+def in_threads(fn, n):
+    """Runs fn(i) for i in range(n), each in its own thread; re-raises the first failure."""
+    errors = []
+
+    def run(i):
+        try:
+            fn(i)
+        except Exception as e:     # re-raised below, in the test's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
 
 
 def sqlstate(conn, sql, params=None):

@@ -1,12 +1,10 @@
 """Dependencies (README "Job graphs"): enqueue(..., depends_on) keeps a job waiting until
 the jobs it names finished, releases it exactly once however many finish together, and
 cancels it (transitively) when one failed, unless it runs anyway."""
-import threading
-
 import psycopg
 import pytest
 
-from conftest import scalar, sqlstate, wait_for, wait_terminal
+from conftest import in_threads, scalar, sqlstate, wait_for, wait_terminal
 
 
 def logging_queue(db, name, **opts):
@@ -64,28 +62,18 @@ def test_fan_in_of_1000_parents_finishing_concurrently(cluster, db, name):
         "SELECT queue.enqueue_many(%s, array_fill('{}'::jsonb, ARRAY[1000]))", (name + "_p",))]
     child = enqueue(db, name, '{"n": 1}', parents)
     assert state(db, child) == "waiting"
-    errors = []
-
     def consumer(i):
-        try:
-            with cluster.connect() as c:
-                while True:
-                    jobs = c.execute("SELECT id, lease_token FROM queue.claim(%s, %s, 7)",
-                                     (name + "_p", f"c{i}")).fetchall()
-                    if not jobs:
-                        return
-                    with c.transaction():
-                        for job, token in jobs:
-                            c.execute("SELECT queue.complete(%s, %s)", (job, token))
-        except Exception as e:     # reported below
-            errors.append(e)
+        with cluster.connect() as c:
+            while True:
+                jobs = c.execute("SELECT id, lease_token FROM queue.claim(%s, %s, 7)",
+                                 (name + "_p", f"c{i}")).fetchall()
+                if not jobs:
+                    return
+                with c.transaction():
+                    for job, token in jobs:
+                        c.execute("SELECT queue.complete(%s, %s)", (job, token))
 
-    threads = [threading.Thread(target=consumer, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    in_threads(consumer, 4)
     wait_for(lambda: state(db, child) == "succeeded", what="the fan-in job")
     assert ran(db, name) == [1]
     last_parent = scalar(db, "SELECT max(finished_at) FROM queue.history WHERE queue = %s", (name + "_p",))

@@ -1,11 +1,10 @@
 """claim(queues text[], ...): one consumer serving several NOTIFY queues, in priority order
 across them and within each queue's concurrency."""
 import collections
-import threading
 
 import pytest
 
-from conftest import scalar, sqlstate
+from conftest import in_threads, scalar, sqlstate
 
 
 def notify_queue(db, name, **settings):
@@ -58,23 +57,15 @@ def test_concurrent_multi_queue_claims_take_each_job_once(cluster, db, name):
     for q in queues:
         notify_queue(db, q, concurrency=1000)
         enqueue(db, q, 300)
-    taken, errors = [], []
+    taken = []
 
     def consumer(i):
-        try:
-            with cluster.connect() as conn:
-                order = queues[i % 3:] + queues[:i % 3]     # each names them in its own order
-                while rows := claim(conn, order, 25, consumer=f"c{i}"):
-                    taken.extend(r[0] for r in rows)
-        except Exception as e:     # reported below
-            errors.append(e)
+        with cluster.connect() as conn:
+            order = queues[i % 3:] + queues[:i % 3]     # each names them in its own order
+            while rows := claim(conn, order, 25, consumer=f"c{i}"):
+                taken.extend(r[0] for r in rows)
 
-    threads = [threading.Thread(target=consumer, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    in_threads(consumer, 4)
     assert len(taken) == len(set(taken)) == 900
 
 

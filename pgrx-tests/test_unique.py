@@ -5,7 +5,7 @@ import threading
 import psycopg
 import pytest
 
-from conftest import scalar, sqlstate, wait_for, wait_terminal
+from conftest import in_threads, scalar, sqlstate, wait_for, wait_terminal
 
 
 def jobs_of_key(db, queue, key):
@@ -46,22 +46,14 @@ def test_the_key_is_free_once_the_job_is_not_live(db, name):
 def test_one_live_job_under_concurrent_enqueues(cluster, db, name):
     """8 clients enqueue the same key 1 000 times each: one job, and every call returns it."""
     db.execute("SELECT queue.create_queue(%s, notify => true, paused => true)", (name,))
-    ids, errors = set(), []
+    ids = set()
 
-    def client():
-        try:
-            with cluster.connect() as c:
-                for _ in range(1000):
-                    ids.add(scalar(c, "SELECT queue.enqueue(%s, unique_key => 'same')", (name,)))
-        except Exception as e:     # reported below, with the thread's error
-            errors.append(e)
+    def client(_):
+        with cluster.connect() as c:
+            for _ in range(1000):
+                ids.add(scalar(c, "SELECT queue.enqueue(%s, unique_key => 'same')", (name,)))
 
-    threads = [threading.Thread(target=client) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    in_threads(client, 8)
     assert len(ids) == 1
     assert jobs_of_key(db, name, "same") == 1
 
