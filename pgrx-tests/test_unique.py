@@ -160,3 +160,21 @@ def test_keyed_jobs_run_through_handlers(db, name):
     db.execute("SELECT queue.resume(%s)", (name,))
     assert wait_terminal(db, name, 1) == {"succeeded": 1}
     assert db.execute(f"SELECT payload FROM {name}_t").fetchall() == [({"i": 0},)]
+
+
+def test_enqueue_many_with_keys(db, name):
+    """Keys per payload: a key repeated within the call, or live already, gives that job's
+    id again; NULL keys make plain jobs."""
+    db.execute("SELECT queue.create_queue(%s, notify => true)", (name,))
+    live = scalar(db, "SELECT queue.enqueue(%s, unique_key => 'b')", (name,))
+    ids = [r[0] for r in db.execute(
+        "SELECT queue.enqueue_many(%s, ARRAY['{\"n\": 1}', '{\"n\": 2}', '{\"n\": 3}', '{}', '{}']::jsonb[], "
+        "unique_keys => ARRAY['a', 'b', 'a', NULL, NULL])", (name,))]
+    assert len(ids) == 5
+    assert ids[0] == ids[2] and ids[1] == live
+    assert len({ids[0], ids[1], ids[3], ids[4]}) == 4
+    assert scalar(db, "SELECT payload FROM queue.status(%s)", (ids[0],)) == {"n": 1}
+    assert scalar(db, "SELECT count(*) FROM queue.jobs WHERE queue = %s", (name,)) == 4
+    assert sqlstate(db, "SELECT queue.enqueue_many(%s, ARRAY['{}']::jsonb[], unique_keys => ARRAY['x', 'y'])",
+                    (name,)) == "22023"
+    assert scalar(db, "SELECT count(*) FROM queue.jobs WHERE queue = %s", (name,)) == 4

@@ -278,17 +278,39 @@ CREATE FUNCTION queue.enqueue_many(
     run_at       timestamptz DEFAULT NULL,
     priority     integer     DEFAULT 0,
     max_attempts integer     DEFAULT NULL,
-    timeout      interval    DEFAULT NULL)
+    timeout      interval    DEFAULT NULL,
+    unique_keys  text[]      DEFAULT NULL,
+    unique_for   interval    DEFAULT NULL,
+    depends_on   uuid[]      DEFAULT NULL,
+    on_dependency_failure text DEFAULT NULL)
 RETURNS SETOF uuid LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     q queue.queues := queue.authorize(queue, 'enqueue');
     n integer;
+    who oid;
 BEGIN
     IF payloads IS NULL OR array_position(payloads, NULL) IS NOT NULL THEN
         RAISE EXCEPTION 'payloads must not be NULL nor contain NULL' USING ERRCODE = 'null_value_not_allowed';
     END IF;
     PERFORM queue.check_job_options(priority, max_attempts, timeout);
     PERFORM queue.check_capacity(q, payloads);          -- all or nothing
+    IF unique_keys IS NOT NULL OR unique_for IS NOT NULL OR depends_on IS NOT NULL
+       OR on_dependency_failure IS NOT NULL THEN
+        -- Keys or dependencies: job by job, in payload order, through enqueue's own path,
+        -- so a key repeated within the call gives the first job's id again.
+        IF cardinality(unique_keys) <> cardinality(payloads) THEN
+            RAISE EXCEPTION 'unique_keys has % elements for % payloads', cardinality(unique_keys),
+                            cardinality(payloads)
+                USING ERRCODE = 'invalid_parameter_value', HINT = 'Give one key (or NULL) per payload.';
+        END IF;
+        who := queue.caller();
+        FOR i IN 1 .. cardinality(payloads) LOOP
+            RETURN NEXT (queue.insert_job(q, who, payloads[i], run_at, priority, max_attempts, timeout,
+                                          unique_keys[i], unique_for, depends_on,
+                                          on_dependency_failure)).id;
+        END LOOP;
+        RETURN;
+    END IF;
     RETURN QUERY
     INSERT INTO queue.jobs (id, queue, state, payload, enqueued_by, priority, run_at, max_attempts,
                             timeout, created_at)
@@ -304,8 +326,8 @@ BEGIN
     END IF;
 END
 $$;
-COMMENT ON FUNCTION queue.enqueue_many(text, jsonb[], timestamptz, integer, integer, interval) IS
-    'Enqueues one job per payload in one statement; returns their ids in payload order.';
+COMMENT ON FUNCTION queue.enqueue_many(text, jsonb[], timestamptz, integer, integer, interval, text[], interval, uuid[], text) IS
+    'Enqueues one job per payload in one statement; returns their ids in payload order. unique_keys (one per payload, or NULL), unique_for, depends_on (for every job) and on_dependency_failure work as in enqueue; a key repeated in the call returns the first job''s id again.';
 
 -- sees_job: whether role `who` may see a job of `job_queue` that `enqueuer` enqueued.
 CREATE FUNCTION queue.sees_job(who oid, job_queue text, enqueuer oid) RETURNS boolean
