@@ -227,3 +227,33 @@ def test_a_fan_in_handler_reads_its_dependencies_results(cluster, db, name):
     db.execute(f"GRANT USAGE ON SCHEMA queue TO {name}_x")
     with cluster.connect(user=f"{name}_x") as x:
         assert sqlstate(x, "SELECT queue.dependency_results(%s)", (child,)) == "42704"
+
+
+def test_enqueue_many_with_dependencies(db, name):
+    """One depends_on list for every job of the call."""
+    logging_queue(db, name, paused=True)
+    first = enqueue(db, name, '{"n": 1}')
+    ids = [r[0] for r in db.execute(
+        "SELECT queue.enqueue_many(%s, ARRAY['{\"n\": 2}', '{\"n\": 3}']::jsonb[], depends_on => %s)",
+        (name, [first]))]
+    assert [state(db, j) for j in ids] == ["waiting", "waiting"]
+    db.execute("SELECT queue.resume(%s)", (name,))
+    wait_terminal(db, name, 3)
+    assert ran(db, name)[0] == 1 and sorted(ran(db, name)) == [1, 2, 3]
+
+
+def test_a_fan_in_consumer_gets_its_dependencies_from_claim(db, name):
+    """External consumers learn from claim what the job depended on, and read the results."""
+    db.execute("SELECT queue.create_queue(%s, notify => true)", (name,))
+    parents = [scalar(db, "SELECT queue.enqueue(%s, %s)", (name, f'{{"n": {i}}}')) for i in range(2)]
+    child = enqueue(db, name, '{"n": "fan-in"}', parents)
+    for _ in parents:
+        job, token, deps = db.execute("SELECT id, lease_token, depends_on FROM queue.claim(%s, 'c', 1)",
+                                      (name,)).fetchone()
+        assert job in parents and deps is None
+        db.execute("SELECT queue.complete(%s, %s, jsonb_build_object('from', %s::text))", (job, token, job))
+    job, _, deps = db.execute(
+        "SELECT id, queue, depends_on FROM queue.claim(ARRAY[%s], 'c', 5)", (name,)).fetchone()
+    assert (job, deps) == (child, parents)
+    results = db.execute("SELECT id, state::text, result FROM queue.dependency_results(%s)", (job,)).fetchall()
+    assert results == [(p, "succeeded", {"from": str(p)}) for p in parents]

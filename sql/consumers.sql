@@ -110,7 +110,8 @@ CREATE FUNCTION queue.claim(
     consumer text,
     n        integer  DEFAULT 1,
     lease    interval DEFAULT '30 seconds')
-RETURNS TABLE (id uuid, payload jsonb, attempt integer, lease_token uuid, lease_expires_at timestamptz)
+RETURNS TABLE (id uuid, payload jsonb, attempt integer, lease_token uuid, lease_expires_at timestamptz,
+               depends_on uuid[])
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     q queue.queues := queue.claimable(claim.queue);
@@ -137,11 +138,11 @@ BEGIN
            worker_pid = pg_backend_pid(), consumer = claim.consumer, lease = claim.lease,
            lease_expires_at = clock_timestamp() + claim.lease, lease_token = gen_random_uuid()
      WHERE j.id = ANY(ARRAY(SELECT c.id FROM c))     -- by primary key, whatever the LIMIT
-    RETURNING j.id, j.payload, j.attempts, j.lease_token, j.lease_expires_at;
+    RETURNING j.id, j.payload, j.attempts, j.lease_token, j.lease_expires_at, j.depends_on;
 END
 $$;
 COMMENT ON FUNCTION queue.claim(text, text, integer, interval) IS
-    'NOTIFY queues: takes up to n ready jobs for consumer (a unique name per process) and returns them with the lease token every later call needs and when the lease expires. Nothing while paused or at the queue''s concurrency limit.';
+    'NOTIFY queues: takes up to n ready jobs for consumer (a unique name per process) and returns them with the lease token every later call needs, when the lease expires and the jobs they depended on (queue.dependency_results(id) gives their results). Nothing while paused or at the queue''s concurrency limit.';
 
 -- claim(queues text[], ...): one consumer serving several NOTIFY queues. Each queue's
 -- claims stay serialised (its lock, taken in name order so that two such consumers
@@ -153,7 +154,7 @@ CREATE FUNCTION queue.claim(
     n        integer  DEFAULT 1,
     lease    interval DEFAULT '30 seconds')
 RETURNS TABLE (id uuid, queue text, payload jsonb, attempt integer, lease_token uuid,
-               lease_expires_at timestamptz)
+               lease_expires_at timestamptz, depends_on uuid[])
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     open_queues text[] := '{}';
@@ -198,24 +199,27 @@ BEGIN
            worker_pid = pg_backend_pid(), consumer = claim.consumer, lease = claim.lease,
            lease_expires_at = clock_timestamp() + claim.lease, lease_token = gen_random_uuid()
      WHERE j.id = ANY(ARRAY(SELECT c.id FROM c))
-    RETURNING j.id, j.queue, j.payload, j.attempts, j.lease_token, j.lease_expires_at;
+    RETURNING j.id, j.queue, j.payload, j.attempts, j.lease_token, j.lease_expires_at, j.depends_on;
 END
 $$;
 COMMENT ON FUNCTION queue.claim(text[], text, integer, interval) IS
     'NOTIFY queues: takes up to n ready jobs from any of queues for consumer, in priority order across them and within each queue''s concurrency; returns each job''s queue too.';
 
-CREATE FUNCTION queue.heartbeat(id uuid, lease_token uuid, lease interval DEFAULT NULL)
+CREATE FUNCTION queue.heartbeat(id uuid, lease_token uuid, lease interval DEFAULT NULL,
+                                progress jsonb DEFAULT NULL)
 RETURNS boolean LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     held_by text;
 BEGIN
     PERFORM queue.check_lease(lease);
+    PERFORM queue.check_progress(progress);
     IF queue.consumed_job(id, lease_token) IS NULL THEN
         RETURN false;
     END IF;
     UPDATE queue.jobs j
        SET lease = coalesce(heartbeat.lease, j.lease),
-           lease_expires_at = clock_timestamp() + coalesce(heartbeat.lease, j.lease)
+           lease_expires_at = clock_timestamp() + coalesce(heartbeat.lease, j.lease),
+           progress = coalesce(heartbeat.progress, j.progress)
      WHERE j.id = heartbeat.id AND j.state = 'running' AND j.lease_token = heartbeat.lease_token
        AND j.lease_expires_at >= clock_timestamp()
     RETURNING j.consumer INTO held_by;
@@ -226,8 +230,8 @@ BEGIN
     RETURN true;
 END
 $$;
-COMMENT ON FUNCTION queue.heartbeat(uuid, uuid, interval) IS
-    'NOTIFY queues: extends a claimed job''s lease by lease (default: the lease it was claimed with). false when the lease was lost (expired, reaped, or the job cancelled): stop working on it.';
+COMMENT ON FUNCTION queue.heartbeat(uuid, uuid, interval, jsonb) IS
+    'NOTIFY queues: extends a claimed job''s lease by lease (default: the lease it was claimed with) and records progress (at most 2048 bytes of JSON; NULL keeps the last report). false when the lease was lost (expired, reaped, or the job cancelled): stop working on it.';
 
 CREATE FUNCTION queue.complete(id uuid, lease_token uuid, result jsonb DEFAULT NULL)
 RETURNS boolean LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
@@ -248,10 +252,10 @@ BEGIN
         RETURNING j.*)
     INSERT INTO queue.history (id, queue, state, payload, enqueued_by, unique_key, depends_on, on_dependency_failure, priority, run_at, attempts,
                                max_attempts, timeout, created_at, started_at, finished_at, worker_pid,
-                               consumer, result, errors)
+                               consumer, result, progress, errors)
     SELECT d.id, d.queue, 'succeeded', d.payload, d.enqueued_by, d.unique_key, d.depends_on, d.on_dependency_failure, d.priority, d.run_at, d.attempts,
            d.max_attempts, d.timeout, d.created_at, d.started_at, clock_timestamp(), d.worker_pid,
-           d.consumer, complete.result, d.errors
+           d.consumer, complete.result, d.progress, d.errors
       FROM d;
     RETURN FOUND;
 END
@@ -280,12 +284,13 @@ BEGIN
     SELECT * INTO j FROM queue.jobs x WHERE x.id = fail.id;
     failure := jsonb_build_object('attempt', j.attempts, 'at', clock_timestamp(),
                                   'message', left(error, current_setting('queue.max_error_length')::integer),
-                                  'consumer', j.consumer);
+                                  'consumer', j.consumer)
+               || queue.progress_entry(j.progress);
     IF j.attempts < j.max_attempts THEN
         SELECT * INTO q FROM queue.queues x WHERE x.name = j.queue;
         UPDATE queue.jobs x
            SET state = 'queued', started_at = NULL, worker_pid = NULL, consumer = NULL,
-               lease = NULL, lease_expires_at = NULL, lease_token = NULL,
+               lease = NULL, lease_expires_at = NULL, lease_token = NULL, progress = NULL,
                errors = x.errors || failure,
                run_at = clock_timestamp() + coalesce(retry_in, queue.backoff(q.backoff_base, q.backoff_max, j.attempts))
          WHERE x.id = j.id
@@ -297,10 +302,10 @@ BEGIN
         WITH d AS (DELETE FROM queue.jobs x WHERE x.id = j.id RETURNING x.*)
         INSERT INTO queue.history (id, queue, state, payload, enqueued_by, unique_key, depends_on, on_dependency_failure, priority, run_at, attempts,
                                    max_attempts, timeout, created_at, started_at, finished_at, worker_pid,
-                                   consumer, errors)
+                                   consumer, progress, errors)
         SELECT d.id, d.queue, 'failed', d.payload, d.enqueued_by, d.unique_key, d.depends_on, d.on_dependency_failure, d.priority, d.run_at, d.attempts,
                d.max_attempts, d.timeout, d.created_at, d.started_at, clock_timestamp(), d.worker_pid,
-               d.consumer, d.errors || failure
+               d.consumer, d.progress, d.errors || failure
           FROM d;
     END IF;
     RETURN true;
@@ -316,7 +321,9 @@ COMMENT ON FUNCTION queue.fail(uuid, uuid, text, interval) IS
 CREATE VIEW queue.workers WITH (security_barrier) AS
 WITH monitor AS (SELECT pg_catalog.pg_has_role(current_user, 'pg_monitor', 'USAGE') AS yes),
 visible AS (
-    SELECT j.id, j.worker_id, j.consumer, j.started_at, j.lease_expires_at
+    SELECT j.id, j.worker_id, j.consumer, j.started_at, j.lease_expires_at,
+           CASE WHEN j.worker_id IS NULL THEN j.progress ELSE queue.job_progress(j.id, j.worker_id) END
+               AS progress
       FROM queue.jobs j JOIN queue.my_privileges() p ON p.queue = j.queue
      WHERE j.state = 'running'
        AND (p.read OR (p.enqueue AND pg_catalog.pg_has_role(current_user, j.enqueued_by, 'USAGE')))
@@ -324,7 +331,8 @@ visible AS (
 SELECT 'executor'::text AS kind, 'executor ' || e.slot AS name, e.pid,
        count(j.id) AS jobs, array_remove(array_agg(j.id ORDER BY j.started_at), NULL) AS job_ids,
        a.backend_start AS since, NULL::timestamptz AS last_seen,
-       NULL::timestamptz AS lease_expires_at
+       NULL::timestamptz AS lease_expires_at,
+       jsonb_object_agg(j.id, j.progress) FILTER (WHERE j.progress IS NOT NULL) AS progress
   FROM queue.executors() e
   LEFT JOIN visible j ON j.worker_id = e.executor_id
   LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = e.pid
@@ -332,11 +340,12 @@ SELECT 'executor'::text AS kind, 'executor ' || e.slot AS name, e.pid,
 UNION ALL
 SELECT 'consumer', c.name, c.pid,
        count(j.id), array_remove(array_agg(j.id ORDER BY j.started_at), NULL),
-       c.first_seen, c.last_seen, min(j.lease_expires_at)
+       c.first_seen, c.last_seen, min(j.lease_expires_at),
+       jsonb_object_agg(j.id, j.progress) FILTER (WHERE j.progress IS NOT NULL)
   FROM queue.consumers c
   LEFT JOIN visible j ON j.consumer = c.name
  GROUP BY c.name, c.role, c.pid, c.first_seen, c.last_seen
 HAVING (c.last_seen > now() - interval '10 minutes' OR count(j.id) > 0)
    AND ((SELECT yes FROM monitor) OR pg_catalog.pg_has_role(current_user, c.role, 'USAGE') OR count(j.id) > 0);
 COMMENT ON VIEW queue.workers IS
-    'In-database executors and external consumers (seen in the last 10 minutes or holding jobs), with the jobs each holds.';
+    'In-database executors and external consumers (seen in the last 10 minutes or holding jobs), with the jobs each holds and their progress reports (job id -> progress).';

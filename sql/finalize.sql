@@ -19,7 +19,7 @@ GRANT EXECUTE ON FUNCTION
     queue."grant", queue.revoke, queue.my_privileges,
     -- jobs
     queue.enqueue, queue.enqueue_unique, queue.enqueue_many, queue.dependency_results,
-    queue.cancel, queue.status, queue.retry, queue.purge, queue.current_job,
+    queue.cancel, queue.status, queue.retry, queue.purge, queue.current_job, queue.set_progress,
     -- external consumers
     queue.claim(text, text, integer, interval), queue.claim(text[], text, integer, interval),
     queue.heartbeat, queue.complete, queue.fail, queue.channel,
@@ -27,7 +27,7 @@ GRANT EXECUTE ON FUNCTION
     queue.schedule, queue.alter_schedule, queue.unschedule, queue.cron_next,
     -- pure helpers, and what the views call
     queue.backoff, queue.uuid_generate_v7, queue.uuid_time, queue.job_transitions,
-    queue.executors
+    queue.executors, queue.job_progress
 TO PUBLIC;
 
 -- Each view shows only what the current role may see (their filters are security barriers).

@@ -329,6 +329,13 @@ $$;
 COMMENT ON FUNCTION queue.enqueue_many(text, jsonb[], timestamptz, integer, integer, interval, text[], interval, uuid[], text) IS
     'Enqueues one job per payload in one statement; returns their ids in payload order. unique_keys (one per payload, or NULL), unique_for, depends_on (for every job) and on_dependency_failure work as in enqueue; a key repeated in the call returns the first job''s id again.';
 
+-- progress_entry: what a failed attempt's errors entry adds for its last progress report.
+CREATE FUNCTION queue.progress_entry(progress jsonb) RETURNS jsonb
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE WHEN progress IS NULL THEN '{}'::pg_catalog.jsonb
+                ELSE pg_catalog.jsonb_build_object('progress', progress) END
+$$;
+
 -- sees_job: whether role `who` may see a job of `job_queue` that `enqueuer` enqueued.
 CREATE FUNCTION queue.sees_job(who oid, job_queue text, enqueuer oid) RETURNS boolean
 LANGUAGE plpgsql STABLE AS $$
@@ -407,10 +414,10 @@ BEGIN
                    RETURNING j.*)
         INSERT INTO queue.history (id, queue, state, payload, enqueued_by, unique_key, depends_on, on_dependency_failure, priority, run_at, attempts,
                                    max_attempts, timeout, created_at, started_at, finished_at, worker_pid,
-                                   consumer, errors)
+                                   consumer, progress, errors)
         SELECT d.id, d.queue, 'cancelled', d.payload, d.enqueued_by, d.unique_key, d.depends_on, d.on_dependency_failure, d.priority, d.run_at, d.attempts,
                d.max_attempts, d.timeout, d.created_at, d.started_at, clock_timestamp(), d.worker_pid,
-               d.consumer, d.errors
+               d.consumer, d.progress, d.errors
           FROM d;
         IF FOUND THEN
             RETURN true;
@@ -430,13 +437,16 @@ SELECT j.id, j.queue, j.state, j.state = 'queued' AND j.run_at > now() AS schedu
        j.attempts, j.max_attempts, j.priority, j.run_at, j.created_at, j.started_at,
        NULL::timestamptz AS finished_at, j.errors -> -1 ->> 'message' AS last_error,
        j.errors, NULL::jsonb AS result, j.worker_pid, j.consumer, j.lease_expires_at, j.payload,
-       j.enqueued_by, j.unique_key, j.depends_on, j.waiting_for
+       j.enqueued_by, j.unique_key, j.depends_on, j.waiting_for,
+       -- an executor publishes its handler's progress in shared memory, a consumer here
+       CASE WHEN j.worker_id IS NULL THEN j.progress ELSE queue.job_progress(j.id, j.worker_id) END
+           AS progress
   FROM queue.jobs j
 UNION ALL
 SELECT h.id, h.queue, h.state, false, h.attempts, h.max_attempts, h.priority, h.run_at,
        h.created_at, h.started_at, h.finished_at, h.errors -> -1 ->> 'message', h.errors,
        h.result, h.worker_pid, h.consumer, NULL::timestamptz, h.payload, h.enqueued_by,
-       h.unique_key, h.depends_on, 0
+       h.unique_key, h.depends_on, 0, h.progress
   FROM queue.history h;
 
 -- job_status: the jobs the current role may see. A security barrier: a function in a
@@ -460,7 +470,7 @@ RETURNS SETOF queue.job_status LANGUAGE sql STABLE SET search_path = pg_catalog,
        AND queue.sees_job(queue.caller(), s.queue, s.enqueued_by)
 $$;
 COMMENT ON FUNCTION queue.status(uuid) IS
-    'The job''s state, attempts, times, last error, errors, result and worker; no row for an unknown id.';
+    'The job''s state, attempts, times, last error, errors, result, worker and progress; no row for an unknown id.';
 
 CREATE FUNCTION queue.retry(id uuid) RETURNS boolean
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$

@@ -277,9 +277,9 @@ BEGIN
     WITH d AS (DELETE FROM queue.jobs WHERE jobs.queue = q.name RETURNING *)
     INSERT INTO queue.history (id, queue, state, payload, enqueued_by, unique_key, depends_on, on_dependency_failure, priority, run_at, attempts,
                                max_attempts, timeout, created_at, started_at, finished_at, worker_pid,
-                               consumer, errors)
+                               consumer, progress, errors)
     SELECT id, queue, 'cancelled', payload, enqueued_by, unique_key, depends_on, on_dependency_failure, priority, run_at, attempts, max_attempts,
-           timeout, created_at, started_at, clock_timestamp(), worker_pid, consumer,
+           timeout, created_at, started_at, clock_timestamp(), worker_pid, consumer, progress,
            errors || jsonb_build_object('attempt', attempts, 'at', clock_timestamp(),
                                         'message', 'queue dropped')
       FROM d;

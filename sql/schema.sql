@@ -101,6 +101,7 @@ CREATE TABLE queue.jobs (
     depends_on        uuid[],                           -- jobs that must finish first
     on_dependency_failure text,                         -- 'cancel' or 'run' (with depends_on)
     waiting_for       integer     NOT NULL DEFAULT 0,   -- how many of depends_on have not finished
+    progress          jsonb,                            -- a consumer's last heartbeat(progress) this attempt
     CONSTRAINT jobs_live_state CHECK (state IN ('waiting', 'queued', 'running')),
     CONSTRAINT jobs_waiting_for_dependencies CHECK ((state = 'waiting') = (waiting_for > 0)),
     CONSTRAINT jobs_dependency_failure_valid CHECK (on_dependency_failure IN ('cancel', 'run')),
@@ -152,6 +153,7 @@ CREATE TABLE queue.history (
     unique_key    text,
     depends_on    uuid[],
     on_dependency_failure text,
+    progress      jsonb,                                -- the last attempt's last progress report
     CONSTRAINT history_terminal_state CHECK (state IN ('succeeded', 'failed', 'cancelled')),
     CONSTRAINT history_attempts_in_range CHECK (attempts >= 0 AND attempts <= max_attempts),
     CONSTRAINT history_finished_after_created CHECK (finished_at >= created_at)

@@ -52,7 +52,8 @@ extension_sql_file!(
         "queues",
         api::uuid_generate_v7,
         api::wake_executors,
-        api::request_cancel
+        api::request_cancel,
+        api::job_progress
     ]
 );
 extension_sql_file!(
@@ -63,7 +64,7 @@ extension_sql_file!(
 extension_sql_file!(
     "../sql/consumers.sql",
     name = "consumers",
-    requires = ["jobs", api::executors]
+    requires = ["jobs", api::executors, api::check_progress]
 );
 extension_sql_file!(
     "../sql/schedules.sql",

@@ -2,12 +2,18 @@
 //! enqueue commits and to tell the reaper which executors are alive.
 //!
 //! Nothing here is job state: every job's state is in the tables. The registry only holds
-//! who is alive and who sleeps, and is rebuilt from nothing after a crash restart.
+//! who is alive and who sleeps, and the progress its running handler last reported (read
+//! while the handler's transaction is still open), and is rebuilt from nothing after a
+//! crash restart.
 
 use crate::gucs::MAX_EXECUTORS;
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PGRXSharedMemory, PgAtomic};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicI32, AtomicU64, Ordering};
+
+/// Largest progress report, in bytes of JSON text (`queue.set_progress`, `heartbeat`).
+pub const MAX_PROGRESS_SIZE: usize = 2048;
+const PROGRESS_WORDS: usize = MAX_PROGRESS_SIZE / 8;
 
 /// One executor's entry. `pid == 0` means the slot is free.
 pub struct Slot {
@@ -22,6 +28,81 @@ pub struct Slot {
     /// A job `queue.cancel()` asked this executor to stop (0 = none).
     cancel_hi: AtomicU64,
     cancel_lo: AtomicU64,
+    progress: Progress,
+}
+
+/// The last progress report of the job an executor runs: one writer (the executor), any
+/// number of readers, under a sequence lock. The writer makes `seq` odd, writes, and makes
+/// it even again; a reader retries while `seq` is odd or changed during its copy. Atomics
+/// throughout, so a torn copy is detected and never undefined behaviour.
+struct Progress {
+    seq: AtomicU64,
+    job_hi: AtomicU64,
+    job_lo: AtomicU64,
+    /// Bytes used in `text`; 0 = no report.
+    len: AtomicU64,
+    text: [AtomicU64; PROGRESS_WORDS],
+}
+
+impl Progress {
+    fn new() -> Self {
+        Progress {
+            seq: AtomicU64::new(0),
+            job_hi: AtomicU64::new(0),
+            job_lo: AtomicU64::new(0),
+            len: AtomicU64::new(0),
+            text: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+
+    /// Records `text` (at most MAX_PROGRESS_SIZE bytes, checked by the caller) for `job`.
+    fn write(&self, job: uuid::Uuid, text: &str) {
+        let bytes = &text.as_bytes()[..text.len().min(MAX_PROGRESS_SIZE)];
+        let seq = self.seq.load(Ordering::Relaxed);
+        self.seq.store(seq.wrapping_add(1), Ordering::Relaxed);
+        fence(Ordering::Release);
+        let (hi, lo) = job.as_u64_pair();
+        self.job_hi.store(hi, Ordering::Relaxed);
+        self.job_lo.store(lo, Ordering::Relaxed);
+        for (word, chunk) in self.text.iter().zip(bytes.chunks(8)) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            word.store(u64::from_le_bytes(b), Ordering::Relaxed);
+        }
+        self.len.store(bytes.len() as u64, Ordering::Relaxed);
+        self.seq.store(seq.wrapping_add(2), Ordering::Release);
+    }
+
+    /// The report recorded for `job`, if any. None also when the writer kept changing it
+    /// for the whole of a bounded number of tries (it writes a few hundred words at most).
+    fn read(&self, job: uuid::Uuid) -> Option<String> {
+        let (hi, lo) = job.as_u64_pair();
+        for _ in 0..1000 {
+            let before = self.seq.load(Ordering::Acquire);
+            if before % 2 == 1 {
+                std::hint::spin_loop();
+                continue;
+            }
+            let ours = self.job_hi.load(Ordering::Relaxed) == hi
+                && self.job_lo.load(Ordering::Relaxed) == lo;
+            let len = (self.len.load(Ordering::Relaxed) as usize).min(MAX_PROGRESS_SIZE);
+            let mut bytes = Vec::with_capacity(len);
+            if ours {
+                for word in self.text.iter().take(len.div_ceil(8)) {
+                    bytes.extend_from_slice(&word.load(Ordering::Relaxed).to_le_bytes());
+                }
+                bytes.truncate(len);
+            }
+            fence(Ordering::Acquire);
+            if self.seq.load(Ordering::Relaxed) != before {
+                continue;
+            }
+            return (ours && len > 0)
+                .then(|| String::from_utf8(bytes).ok())
+                .flatten();
+        }
+        None
+    }
 }
 
 pub struct Registry {
@@ -42,6 +123,7 @@ impl Registry {
                 id_lo: AtomicU64::new(0),
                 cancel_hi: AtomicU64::new(0),
                 cancel_lo: AtomicU64::new(0),
+                progress: Progress::new(),
             }),
         }
     }
@@ -219,4 +301,54 @@ pub fn cancel_requested(slot: usize, job: uuid::Uuid) -> bool {
         let (hi, lo) = job.as_u64_pair();
         s.cancel_hi.load(Ordering::Acquire) == hi && s.cancel_lo.load(Ordering::Relaxed) == lo
     })
+}
+
+/// Records the progress the handler of `job`, run by the executor in `slot`, reports; an
+/// empty text clears it. Readers see it at once, whatever becomes of the transaction.
+pub fn set_progress(slot: usize, job: uuid::Uuid, text: &str) {
+    if let Some(s) = registry().and_then(|r| r.slots.get(slot)) {
+        s.progress.write(job, text);
+    }
+}
+
+/// The last progress report of `job` while the executor with life id `executor` runs it.
+pub fn progress(executor: uuid::Uuid, job: uuid::Uuid) -> Option<String> {
+    let (hi, lo) = executor.as_u64_pair();
+    let r = registry()?;
+    let s = r.slots.iter().find(|s| {
+        s.pid.load(Ordering::Acquire) != 0
+            && s.id_hi.load(Ordering::Relaxed) == hi
+            && s.id_lo.load(Ordering::Relaxed) == lo
+    })?;
+    s.progress.read(job)
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pgrx::pg_schema]
+mod tests {
+    use super::{Progress, MAX_PROGRESS_SIZE};
+    use pgrx::prelude::*;
+
+    #[pg_test]
+    fn progress_round_trips_every_length_and_belongs_to_one_job() {
+        let p = Progress::new();
+        let (a, b) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+        assert_eq!(p.read(a), None);
+        for len in [1, 7, 8, 9, 100, MAX_PROGRESS_SIZE - 1, MAX_PROGRESS_SIZE] {
+            let text: String = (0..len)
+                .map(|i| char::from(b'a' + (i % 26) as u8))
+                .collect();
+            p.write(a, &text);
+            assert_eq!(p.read(a).as_deref(), Some(text.as_str()));
+            assert_eq!(p.read(b), None, "another job's report is not this one's");
+        }
+        p.write(a, "{}");
+        assert_eq!(
+            p.read(a).as_deref(),
+            Some("{}"),
+            "a shorter report leaves no tail"
+        );
+        p.write(a, "");
+        assert_eq!(p.read(a), None, "an empty report clears it");
+    }
 }

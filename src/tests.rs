@@ -13,9 +13,9 @@ CREATE SCHEMA IF NOT EXISTS tests;
 CREATE FUNCTION tests.sqlstate_of(stmt text) RETURNS text LANGUAGE plpgsql AS $$
 BEGIN
     EXECUTE stmt;
-    RAISE EXCEPTION 'no error' USING ERRCODE = 'P0004';
+    RAISE EXCEPTION 'no error' USING ERRCODE = 'QT000';  -- not P0004: OTHERS skips assert_failure
 EXCEPTION WHEN OTHERS THEN
-    RETURN nullif(SQLSTATE, 'P0004');
+    RETURN nullif(SQLSTATE, 'QT000');
 END
 $$;
 CREATE PROCEDURE tests.noop(payload jsonb) LANGUAGE plpgsql AS $$ BEGIN END $$;
@@ -883,6 +883,33 @@ mod tests {
             )
             .as_deref(),
             Some("2 1 0 t 2 1 0 0.1")
+        );
+    }
+
+    #[pg_test]
+    fn set_progress_works_only_in_a_handler_and_is_bounded() {
+        assert_eq!(
+            sqlstate("SELECT queue.set_progress('{\"done\": 1}')").as_deref(),
+            Some("55000")
+        );
+        assert_eq!(
+            sqlstate("SELECT queue.set_progress(NULL)").as_deref(),
+            Some("55000")
+        );
+        assert_eq!(
+            sqlstate("SELECT queue.set_progress(jsonb_build_object('x', repeat('y', 3000)))")
+                .as_deref(),
+            Some("54000")
+        );
+        assert_eq!(
+            sqlstate("SELECT queue.check_progress(jsonb_build_object('x', repeat('y', 2000)))"),
+            None
+        );
+        // Views ask for a job no executor holds: no report, no error.
+        assert_eq!(
+            one::<pgrx::JsonB>("SELECT queue.job_progress(gen_random_uuid(), gen_random_uuid())")
+                .map(|j| j.0),
+            None
         );
     }
 }

@@ -67,6 +67,62 @@ fn current_job() -> TableIterator<
     TableIterator::new(row)
 }
 
+/// Inside a SQL handler: reports the job's progress (NULL clears it). `queue.status` and
+/// `queue.workers` show it at once, though the handler's transaction has not committed: it
+/// is published in the executor's shared-memory slot, and kept with the attempt's outcome.
+#[pg_extern(volatile)]
+fn set_progress(progress: Option<pgrx::JsonB>) {
+    let text = progress.map(|p| p.0.to_string());
+    check_progress_size(text.as_deref().map_or(0, str::len));
+    if !crate::worker::executor::set_progress(text) {
+        ereport!(
+            PgLogLevel::ERROR,
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "queue.set_progress() works only in a handler that a pg_queue executor runs",
+            "External consumers report progress with queue.heartbeat(id, lease_token, progress => ...)."
+        );
+    }
+}
+
+/// Internal: raises 54000 when a progress report is too large (heartbeat's check).
+#[pg_extern(immutable, parallel_safe)]
+fn check_progress(progress: Option<pgrx::JsonB>) {
+    check_progress_size(progress.map_or(0, |p| p.0.to_string().len()));
+}
+
+fn check_progress_size(len: usize) {
+    if len > crate::shmem::MAX_PROGRESS_SIZE {
+        ereport!(
+            PgLogLevel::ERROR,
+            PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            format!("progress too large: {len} bytes"),
+            format!(
+                "A progress report may be at most {} bytes of JSON.",
+                crate::shmem::MAX_PROGRESS_SIZE
+            )
+        );
+    }
+}
+
+/// The progress executor `worker_id` publishes for job `id` while it runs it, if the
+/// caller may see the job (NULL otherwise, the same as no report). For the views.
+#[pg_extern(stable, parallel_restricted)]
+#[search_path(pg_catalog, pg_temp)]
+fn job_progress(id: Option<pgrx::Uuid>, worker_id: Option<pgrx::Uuid>) -> Option<pgrx::JsonB> {
+    let as_uuid = |u: pgrx::Uuid| uuid::Uuid::from_bytes(*u.as_bytes());
+    let text = crate::shmem::progress(as_uuid(worker_id?), as_uuid(id?))?;
+    // An API function (its SET clause): runs as the extension owner, the caller recorded.
+    let sees = Spi::get_one_with_args::<bool>(
+        "SELECT queue.sees_job(queue.caller(), j.queue, j.enqueued_by) FROM queue.jobs j WHERE j.id = $1",
+        &[id?.into()],
+    )
+    .unwrap_or_else(|e| pgrx::error!("{e}"));
+    if sees != Some(true) {
+        return None;
+    }
+    serde_json::from_str(&text).ok().map(pgrx::JsonB)
+}
+
 /// The registered executors (shared memory), for `queue.workers`.
 #[pg_extern(volatile)]
 fn executors() -> TableIterator<
@@ -105,6 +161,9 @@ COMMENT ON FUNCTION queue.wake_executors(integer) IS 'Internal: wakes idle execu
 COMMENT ON FUNCTION queue.request_cancel(uuid, integer) IS 'Internal: asks an executor to interrupt the job it runs (used by queue.cancel).';
 COMMENT ON FUNCTION queue.current_job() IS 'Inside a SQL handler: the running job (id, queue, attempt, max_attempts, payload). No row elsewhere.';
 COMMENT ON FUNCTION queue.job_transitions() IS 'The legal moves between job states (the state machine every statement follows).';
+COMMENT ON FUNCTION queue.set_progress(jsonb) IS 'Inside a SQL handler: reports the running job''s progress (at most 2048 bytes of JSON; NULL clears it). queue.status and queue.workers show it at once, before the handler commits; it is kept with the attempt''s outcome (in history, or in the failed attempt''s errors entry).';
+COMMENT ON FUNCTION queue.check_progress(jsonb) IS 'Internal: raises 54000 when a progress report is larger than 2048 bytes of JSON.';
+COMMENT ON FUNCTION queue.job_progress(uuid, uuid) IS 'Internal to the views: the progress an executor publishes for a job it runs, if the caller may see the job.';
 COMMENT ON FUNCTION queue.executors() IS 'The in-database executors registered in shared memory (see the view queue.workers).';
 COMMENT ON FUNCTION queue.reap() IS 'Runs one reaper pass now: running jobs of dead executors and of consumers whose lease expired go back to queued (or to failed when out of attempts). Returns how many moved. The launcher does this every queue.maintenance_interval.';
 "#,
@@ -113,6 +172,9 @@ COMMENT ON FUNCTION queue.reap() IS 'Runs one reaper pass now: running jobs of d
         uuid_generate_v7,
         wake_executors,
         current_job,
+        set_progress,
+        check_progress,
+        job_progress,
         job_transitions,
         executors,
         reap

@@ -31,10 +31,28 @@ pub struct CurrentJob {
 
 thread_local! {
     static CURRENT_JOB: RefCell<Option<CurrentJob>> = const { RefCell::new(None) };
+    /// The running handler's last `queue.set_progress()`, recorded with its outcome.
+    static PROGRESS: RefCell<Option<String>> = const { RefCell::new(None) };
+    /// This executor's registry slot (where its progress reports are published).
+    static SLOT: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
 }
 
 pub fn current_job() -> Option<CurrentJob> {
     CURRENT_JOB.with_borrow(|j| j.clone())
+}
+
+/// `queue.set_progress()`: records `text` (None clears) as the running job's progress,
+/// published in shared memory at once. Returns false outside a handler that we run.
+pub fn set_progress(text: Option<String>) -> bool {
+    let (Some(job), Some(slot)) = (
+        CURRENT_JOB.with_borrow(|j| j.as_ref().map(|j| j.id)),
+        SLOT.get(),
+    ) else {
+        return false;
+    };
+    shmem::set_progress(slot, job, text.as_deref().unwrap_or(""));
+    PROGRESS.set(text);
+    true
 }
 
 /// How a queue's handler is called, read from `queue.queues` and `pg_proc` at claim time.
@@ -70,6 +88,8 @@ struct Outcome {
     state: crate::state::JobState,
     result: Option<String>,
     error: Option<String>,
+    /// The handler's last progress report (kept in history, or in the attempt's error).
+    progress: Option<String>,
 }
 
 /// This executor's life: its registry slot, identity and the jobs it holds.
@@ -102,6 +122,7 @@ pub extern "C-unwind" fn pg_queue_executor_main(arg: pg_sys::Datum) {
     // SAFETY: runs at process exit (also after FATAL); frees our slot so the reaper sees
     // us gone and the launcher may start a replacement.
     unsafe { pg_sys::on_shmem_exit(Some(release_slot), pg_sys::Datum::from(slot)) };
+    SLOT.set(Some(slot));
     log!("pg_queue executor started (slot {slot}, id {id})");
 
     let mut ex = Executor {
@@ -240,6 +261,7 @@ fn run_batch(
                 state: crate::state::JobState::Queued,
                 result: None,
                 error: None,
+                progress: None,
             }));
         }
         record(client, &outcomes)?;
@@ -271,6 +293,7 @@ fn run_job(job: &Claimed, slot: usize) -> Outcome {
         state,
         result,
         error,
+        progress: PROGRESS.with_borrow(|p| p.clone()),
     };
     let cancelled = |attempt| {
         log!(
@@ -289,6 +312,8 @@ fn run_job(job: &Claimed, slot: usize) -> Outcome {
             Some(error_json(&e, attempt)),
         )
     };
+    PROGRESS.set(None);
+    shmem::set_progress(slot, id, ""); // no report of an earlier attempt shows for this one
     if shmem::cancel_requested(slot, id) {
         return cancelled(job.attempt);
     }
@@ -397,8 +422,8 @@ fn call_handler(sql: &str, job: &Claimed) -> Result<Option<String>, SqlError> {
     r
 }
 
-/// One element of a job's `errors` array (the database adds the time). Texts are cut to
-/// `queue.max_error_length` characters.
+/// One element of a job's `errors` array (the database adds the time), with the attempt's
+/// last progress report. Texts are cut to `queue.max_error_length` characters.
 fn error_json(e: &SqlError, attempt: i32) -> String {
     let cut = |t: &str| -> String { t.chars().take(gucs::max_error_length()).collect() };
     let mut o = serde_json::Map::new();
@@ -413,6 +438,11 @@ fn error_json(e: &SqlError, attempt: i32) -> String {
     }
     // SAFETY: MyProcPid is this process's pid.
     o.insert("worker_pid".into(), unsafe { pg_sys::MyProcPid }.into());
+    let progress =
+        PROGRESS.with_borrow(|p| p.as_deref().and_then(|p| serde_json::from_str(p).ok()));
+    if let Some(p) = progress {
+        o.insert("progress".into(), p);
+    }
     serde_json::Value::Object(o).to_string()
 }
 
@@ -427,8 +457,8 @@ fn error_json(e: &SqlError, attempt: i32) -> String {
 const RECORD_SQL: &str = "
 WITH o AS (
     SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[]::queue.job_state[], $4::text[]::jsonb[],
-                         $5::text[]::jsonb[])
-             AS o(id, token, state, result, error)
+                         $5::text[]::jsonb[], $6::text[]::jsonb[])
+             AS o(id, token, state, result, error, progress)
 ), retried AS (
     UPDATE queue.jobs j
        SET state = 'queued', started_at = NULL, worker_pid = NULL, worker_id = NULL,
@@ -447,13 +477,14 @@ WITH o AS (
     DELETE FROM queue.jobs j USING o
      WHERE j.id = ANY($1::uuid[])
        AND o.state <> 'queued' AND j.id = o.id AND j.state = 'running' AND j.lease_token = o.token
-    RETURNING j.*, o.state AS new_state, o.result AS new_result, o.error AS new_error
+    RETURNING j.*, o.state AS new_state, o.result AS new_result, o.error AS new_error,
+              o.progress AS new_progress
 ), moved AS (
     INSERT INTO queue.history (id, queue, state, payload, enqueued_by, unique_key, depends_on, on_dependency_failure, priority, run_at, attempts,
                                max_attempts, timeout, created_at, started_at, finished_at, worker_pid,
-                               result, errors)
+                               result, progress, errors)
     SELECT id, queue, new_state, payload, enqueued_by, unique_key, depends_on, on_dependency_failure, priority, run_at, attempts, max_attempts, timeout,
-           created_at, started_at, clock_timestamp(), worker_pid, new_result,
+           created_at, started_at, clock_timestamp(), worker_pid, new_result, new_progress,
            CASE WHEN new_error IS NULL THEN errors
                 ELSE errors || (new_error || jsonb_build_object('at', clock_timestamp())) END
       FROM finished
@@ -470,12 +501,14 @@ fn record(client: &mut SpiClient<'_>, outcomes: &[Outcome]) -> Result<(), SqlErr
     let states: Vec<&str> = outcomes.iter().map(|o| o.state.as_str()).collect();
     let results: Vec<Option<&str>> = outcomes.iter().map(|o| o.result.as_deref()).collect();
     let errors: Vec<Option<&str>> = outcomes.iter().map(|o| o.error.as_deref()).collect();
+    let progress: Vec<Option<&str>> = outcomes.iter().map(|o| o.progress.as_deref()).collect();
     let plan = kept(
         client,
         RECORD_SQL,
         &[
             BuiltIn(UUIDARRAYOID),
             BuiltIn(UUIDARRAYOID),
+            BuiltIn(TEXTARRAYOID),
             BuiltIn(TEXTARRAYOID),
             BuiltIn(TEXTARRAYOID),
             BuiltIn(TEXTARRAYOID),
@@ -491,6 +524,7 @@ fn record(client: &mut SpiClient<'_>, outcomes: &[Outcome]) -> Result<(), SqlErr
                 states.into(),
                 results.into(),
                 errors.into(),
+                progress.into(),
             ],
         )?
         .first()

@@ -34,10 +34,11 @@ WITH dead AS (
 ), retried AS (
     UPDATE queue.jobs j
        SET state = 'queued', started_at = NULL, worker_pid = NULL, worker_id = NULL,
-           consumer = NULL, lease = NULL, lease_expires_at = NULL, lease_token = NULL,
-           errors = j.errors || jsonb_build_object('attempt', j.attempts, 'at', clock_timestamp(),
-                                                   'sqlstate', 'XX000', 'message', dead.message,
-                                                   'worker_pid', j.worker_pid),
+           consumer = NULL, lease = NULL, lease_expires_at = NULL, lease_token = NULL, progress = NULL,
+           errors = j.errors || (jsonb_build_object('attempt', j.attempts, 'at', clock_timestamp(),
+                                                    'sqlstate', 'XX000', 'message', dead.message,
+                                                    'worker_pid', j.worker_pid)
+                                 || queue.progress_entry(j.progress)),
            run_at = clock_timestamp() + coalesce(
                (SELECT queue.backoff(q.backoff_base, q.backoff_max, j.attempts)
                   FROM queue.queues q WHERE q.name = j.queue), interval '0')
@@ -51,12 +52,13 @@ WITH dead AS (
 ), history AS (
     INSERT INTO queue.history (id, queue, state, payload, enqueued_by, unique_key, depends_on, on_dependency_failure, priority, run_at, attempts,
                                max_attempts, timeout, created_at, started_at, finished_at, worker_pid,
-                               consumer, errors)
+                               consumer, progress, errors)
     SELECT id, queue, 'failed', payload, enqueued_by, unique_key, depends_on, on_dependency_failure, priority, run_at, attempts, max_attempts, timeout,
-           created_at, started_at, clock_timestamp(), worker_pid, consumer,
-           errors || jsonb_build_object('attempt', attempts, 'at', clock_timestamp(),
-                                        'sqlstate', 'XX000', 'message', message,
-                                        'worker_pid', worker_pid)
+           created_at, started_at, clock_timestamp(), worker_pid, consumer, progress,
+           errors || (jsonb_build_object('attempt', attempts, 'at', clock_timestamp(),
+                                         'sqlstate', 'XX000', 'message', message,
+                                         'worker_pid', worker_pid)
+                      || queue.progress_entry(progress))
       FROM failed
     RETURNING 1
 )
