@@ -25,12 +25,14 @@ from cluster import Cluster, PG_BIN  # noqa: E402
 
 SIZES = {
     # jobs per floor run (1 and 64 per transaction), jobs per drain, pickups timed, history
-    # rows, jobs between the RSS readings, seconds per enqueue run, enqueue_many calls, and
-    # rounds of each pg_queue figure beside its floor
+    # rows, jobs between the RSS readings, seconds per enqueue run, enqueue_many calls,
+    # rounds of each pg_queue figure beside its floor, and jobs in the fan-in graph
     "full": dict(floor_single=5_000, floor_batch=100_000, drain=50_000, latency=500,
-                 history=5_000_000, rss=1_000_000, enqueue_secs=4, many_calls=10, rounds=3),
+                 history=5_000_000, rss=1_000_000, enqueue_secs=4, many_calls=10, rounds=3,
+                 graph=10_000),
     "smoke": dict(floor_single=500, floor_batch=2_000, drain=2_000, latency=20,
-                  history=20_000, rss=5_000, enqueue_secs=1, many_calls=2, rounds=1),
+                  history=20_000, rss=5_000, enqueue_secs=1, many_calls=2, rounds=1,
+                  graph=1_000),
 }
 
 # The floors run on tables shaped exactly like queue.jobs and queue.history (same columns,
@@ -199,12 +201,15 @@ class Bench:
         self.sql("SELECT queue.drop_queue('bench_enqueue', force => true)")
         self.sql("TRUNCATE queue.history, floor_jobs")
 
-    def drain(self, queue, n):
-        """Enqueues n jobs on the paused queue, resumes it, and returns jobs/s from the
-        jobs' own timestamps (first claim to last finish)."""
+    def drain(self, queue, n, fan_in=False):
+        """Enqueues n jobs on the paused queue (with fan_in, and one more that depends on
+        all of them), resumes it, and returns jobs/s from the jobs' own timestamps (first
+        claim to last finish)."""
         self.sql("SELECT queue.pause(%s)", (queue,))
-        self.sql("SELECT count(*) FROM queue.enqueue_many(%s, array_fill('{}'::jsonb, ARRAY[%s]))",
-                 (queue, n))
+        self.sql("""WITH p AS (SELECT array_agg(id) AS ids
+                                FROM queue.enqueue_many(%(q)s, array_fill('{}'::jsonb, ARRAY[%(n)s])) id)
+                    SELECT CASE WHEN %(fan_in)s THEN queue.enqueue(%(q)s, depends_on => ids) END FROM p""",
+                 {"q": queue, "n": n, "fan_in": fan_in})
         self.sql("VACUUM ANALYZE queue.jobs")
         wal = self.one("SELECT pg_current_wal_insert_lsn()")
         self.sql("SELECT queue.resume(%s)", (queue,))
@@ -213,10 +218,14 @@ class Bench:
             if time.monotonic() > deadline:
                 raise RuntimeError("drain did not finish in 10 minutes")
             time.sleep(0.05)
-        span, done = self.sql(
+        span, done, fan_in_delay = self.sql(
             "SELECT extract(epoch FROM max(finished_at) - min(started_at)), count(*) "
-            "FILTER (WHERE state = 'succeeded') FROM queue.history WHERE queue = %s "
+            "FILTER (WHERE state = 'succeeded'), "
+            "extract(epoch FROM max(started_at) FILTER (WHERE depends_on IS NOT NULL) "
+            "                   - max(finished_at) FILTER (WHERE depends_on IS NULL)) * 1000 "
+            "FROM queue.history WHERE queue = %s "
             "AND finished_at >= now() - interval '1 hour'", (queue,))[0]
+        self.fan_in_delay_ms = fan_in_delay
         self.wal_per_job = float(self.one("SELECT (pg_current_wal_insert_lsn() - %s::pg_lsn) / %s",
                                           (wal, n)))
         return done / float(span)
@@ -247,6 +256,27 @@ class Bench:
             self.floor(f"claim+complete 1/tx floor, {c} client(s)",
                        self.floor_claim_complete(1, c, self.size["floor_single"]))
         self.sql("DROP TABLE floor_jobs, floor_history")
+
+    def graph_run(self):
+        n = self.size["graph"]
+        print(f"drain of a fan-in graph ({n:,} jobs and one that depends on all of them, "
+              "2 executors), beside a plain drain of as many jobs:")
+        self.set_workers(2)
+        delays = []
+
+        def graph_once():
+            rate = self.drain("bench_drain", n, fan_in=True)
+            self.sql("TRUNCATE queue.history")
+            delays.append(float(self.fan_in_delay_ms))
+            return rate
+
+        def plain_once():
+            rate = self.drain("bench_drain", n)
+            self.sql("TRUNCATE queue.history")
+            return rate
+        self.paired(f"drain of a {n:,}-job fan-in graph, 2 executors", "jobs/s",
+                    f"drain {n:,} jobs, 2 executors", plain_once, graph_once)
+        self.record("  last dependency finished to fan-in job started", statistics.median(delays), "ms")
 
     def latency_run(self):
         print("pg_queue idle pickup (enqueue commit to handler start):")
@@ -344,6 +374,7 @@ class Bench:
             print("settings: " + ", ".join(f"{k}={v}" for k, v in self.settings.items()))
             self.enqueue_run()
             self.drain_run()
+            self.graph_run()
             self.latency_run()
             self.history_run()
             self.rss_run()
