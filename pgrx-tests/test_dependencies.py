@@ -203,9 +203,10 @@ def test_a_job_others_cannot_see_is_not_a_dependency(cluster, db, name):
 
 def test_a_fan_in_handler_reads_its_dependencies_results(cluster, db, name):
     db.execute("SELECT queue.create_queue(%s, notify => true, max_attempts => 1)", (name + "_p",))
-    db.execute(f"CREATE TABLE {name}_seen (results jsonb)")
+    db.execute(f"CREATE TABLE {name}_seen (results jsonb, deps uuid[])")
     db.execute(f"""CREATE PROCEDURE {name}_h(payload jsonb) LANGUAGE sql AS $$
-        INSERT INTO {name}_seen SELECT jsonb_agg(jsonb_build_array(r.state, r.result, r.last_error))
+        INSERT INTO {name}_seen SELECT jsonb_agg(jsonb_build_array(r.state, r.result, r.last_error)),
+                                       (SELECT depends_on FROM queue.current_job())
           FROM queue.dependency_results() r $$""")
     db.execute("SELECT queue.create_queue(%s, %s)", (name, f"public.{name}_h(jsonb)"))
     parents = [scalar(db, "SELECT queue.enqueue(%s)", (name + "_p",)) for _ in range(3)]
@@ -221,6 +222,7 @@ def test_a_fan_in_handler_reads_its_dependencies_results(cluster, db, name):
     wait_for(lambda: state(db, child) == "succeeded", what="the fan-in job")
     assert scalar(db, f"SELECT results FROM {name}_seen") == [
         ["succeeded", {"part": 0}, None], ["failed", None, "no luck"], ["succeeded", {"part": 2}, None]]
+    assert scalar(db, f"SELECT deps FROM {name}_seen") == parents      # current_job() carries them
     assert [r[0] for r in db.execute("SELECT id FROM queue.dependency_results(%s)", (child,))] == parents
     assert sqlstate(db, "SELECT queue.dependency_results()") == "22004"
     db.execute(f"CREATE ROLE {name}_x LOGIN")

@@ -127,6 +127,7 @@ def test_function_handler_result_and_current_job(db, name):
     assert result["echo"] == {"x": 42}
     assert result["job"]["id"] == str(job)
     assert result["job"]["queue"] == name and result["job"]["attempt"] == 1
+    assert result["job"]["depends_on"] is None
 
 
 def create_queue_as(db, role, name, **opts):

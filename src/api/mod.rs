@@ -45,6 +45,7 @@ fn request_cancel(id: pgrx::Uuid, worker_pid: i32) -> bool {
 
 /// Inside a SQL handler: the job being run. No row anywhere else.
 #[pg_extern(stable)]
+#[allow(clippy::type_complexity)] // pgrx's name!() columns cannot go in a type alias
 fn current_job() -> TableIterator<
     'static,
     (
@@ -53,6 +54,7 @@ fn current_job() -> TableIterator<
         name!(attempt, i32),
         name!(max_attempts, i32),
         name!(payload, pgrx::JsonB),
+        name!(depends_on, Option<Vec<pgrx::Uuid>>),
     ),
 > {
     let row = crate::worker::executor::current_job().map(|j| {
@@ -62,6 +64,7 @@ fn current_job() -> TableIterator<
             j.attempt,
             j.max_attempts,
             pgrx::JsonB(serde_json::from_str(&j.payload).unwrap_or(serde_json::Value::Null)),
+            j.depends_on,
         )
     });
     TableIterator::new(row)
@@ -159,7 +162,7 @@ extension_sql!(
 COMMENT ON FUNCTION queue.uuid_generate_v7() IS 'A new time-ordered UUIDv7 (the kind of id every job has).';
 COMMENT ON FUNCTION queue.wake_executors(integer) IS 'Internal: wakes idle executors for that many ready jobs when the current transaction commits.';
 COMMENT ON FUNCTION queue.request_cancel(uuid, integer) IS 'Internal: asks an executor to interrupt the job it runs (used by queue.cancel).';
-COMMENT ON FUNCTION queue.current_job() IS 'Inside a SQL handler: the running job (id, queue, attempt, max_attempts, payload). No row elsewhere.';
+COMMENT ON FUNCTION queue.current_job() IS 'Inside a SQL handler: the running job (id, queue, attempt, max_attempts, payload, depends_on). No row elsewhere.';
 COMMENT ON FUNCTION queue.job_transitions() IS 'The legal moves between job states (the state machine every statement follows).';
 COMMENT ON FUNCTION queue.set_progress(jsonb) IS 'Inside a SQL handler: reports the running job''s progress (at most 2048 bytes of JSON; NULL clears it). queue.status and queue.workers show it at once, before the handler commits; it is kept with the attempt''s outcome (in history, or in the failed attempt''s errors entry).';
 COMMENT ON FUNCTION queue.check_progress(jsonb) IS 'Internal: raises 54000 when a progress report is larger than 2048 bytes of JSON.';

@@ -27,6 +27,8 @@ pub struct CurrentJob {
     pub attempt: i32,
     pub max_attempts: i32,
     pub payload: String,
+    /// The jobs it was enqueued to wait for (`depends_on`), for a fan-in handler.
+    pub depends_on: Option<Vec<pgrx::Uuid>>,
 }
 
 thread_local! {
@@ -78,6 +80,7 @@ struct Claimed {
     payload: String,
     timeout_ms: i32,
     handler: Handler,
+    depends_on: Option<Vec<pgrx::Uuid>>,
 }
 
 /// What running a job produced; becomes one row of the record statement.
@@ -323,6 +326,7 @@ fn run_job(job: &Claimed, slot: usize) -> Outcome {
         attempt: job.attempt,
         max_attempts: job.max_attempts,
         payload: job.payload.clone(),
+        depends_on: job.depends_on.clone(),
     }));
     super::report_activity(
         &format!(
@@ -582,7 +586,7 @@ UPDATE queue.jobs j
        worker_pid = pg_backend_pid(), worker_id = $4, lease_token = gen_random_uuid()
  WHERE j.id = ANY(ARRAY(SELECT id FROM c))
 RETURNING j.id, j.lease_token, j.attempts, j.max_attempts, j.payload::text,
-          (extract(epoch FROM j.timeout) * 1000)::int4";
+          (extract(epoch FROM j.timeout) * 1000)::int4, j.depends_on";
 
 /// A concurrency limit this high is never reached by executors: each holds at most one
 /// batch (64 executors x 64 jobs), and as many may still be held by dead ones until reaped.
@@ -742,6 +746,7 @@ fn claim_from(
             max_attempts: row.get::<i32>(4)?.unwrap_or(1),
             payload: row.get::<String>(5)?.unwrap_or_else(|| "{}".into()),
             timeout_ms: row.get::<i32>(6)?.unwrap_or(q.timeout_ms),
+            depends_on: row.get::<Vec<pgrx::Uuid>>(7)?,
             handler: q.handler.clone(),
         });
     }
