@@ -79,6 +79,16 @@ def sqlstate(conn, sql, params=None):
     return None
 
 
+def plpgsql_queue(conn, name, body, columns="n int", **opts):
+    """A table `name` (`columns`) and a queue `name` whose procedure handler `name_h` runs
+    `body` (PL/pgSQL, `payload` in scope), both created in the caller's first schema."""
+    conn.execute(f"CREATE TABLE {name} ({columns})")
+    conn.execute(f"CREATE PROCEDURE {name}_h(payload jsonb) LANGUAGE plpgsql AS $$ BEGIN {body} END $$")
+    args = "".join(f", {k} => %({k})s" for k in opts)
+    conn.execute(f"SELECT queue.create_queue(%(q)s, %(h)s{args})",
+                 {"q": name, "h": f"{name}_h(jsonb)", **opts})
+
+
 def scalar(conn, sql, params=None):
     row = conn.execute(sql, params).fetchone()
     return None if row is None else row[0]

@@ -5,16 +5,13 @@ import time
 import psycopg
 import pytest
 
-from conftest import scalar, wait_for, wait_terminal
+from conftest import plpgsql_queue, scalar, wait_for, wait_terminal
 
 
 def make_queue(db, name, body, **opts):
     """A table `name` and a queue `name` whose procedure handler runs `body` (PL/pgSQL)."""
-    db.execute(f"CREATE TABLE {name} (n int, attempt int, who text, at timestamptz DEFAULT clock_timestamp())")
-    db.execute(f"CREATE PROCEDURE {name}_h(payload jsonb) LANGUAGE plpgsql AS $$ BEGIN {body} END $$")
-    args = ", ".join(f"{k} => %({k})s" for k in opts)
-    db.execute(f"SELECT queue.create_queue(%(q)s, %(h)s{', ' if args else ''}{args})",
-               {"q": name, "h": f"{name}_h(jsonb)", **opts})
+    plpgsql_queue(db, name, body, "n int, attempt int, who text, at timestamptz DEFAULT clock_timestamp()",
+                  **opts)
 
 
 def executor_pids(db):

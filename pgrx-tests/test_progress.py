@@ -4,7 +4,7 @@ heartbeat. Only roles that see the job see its progress."""
 import pytest
 from psycopg.types.json import Jsonb
 
-from conftest import scalar, sqlstate, wait_for, wait_terminal
+from conftest import plpgsql_queue, scalar, sqlstate, wait_for, wait_terminal
 
 LOCK = 7707
 
@@ -19,22 +19,13 @@ def roles(cluster):
     return cluster
 
 
-def handler_queue(conn, name, body, **opts):
-    """A table `name` and a queue whose handler runs `body` (PL/pgSQL, `payload` in scope)."""
-    conn.execute(f"CREATE TABLE public.{name} (n int)")
-    conn.execute(f"CREATE PROCEDURE {name}_h(payload jsonb) LANGUAGE plpgsql AS $$ BEGIN {body} END $$")
-    args = "".join(f", {k} => %({k})s" for k in opts)
-    conn.execute(f"SELECT queue.create_queue(%(q)s, %(h)s{args})",
-                 {"q": name, "h": f"{name}_h(jsonb)", **opts})
-
-
 def status(conn, job):
     return conn.execute("SELECT state::text, progress, errors FROM queue.status(%s)", (job,)).fetchone()
 
 
 def test_progress_is_seen_while_the_handler_runs_and_kept_after(cluster, db, name):
     # The handler reports, then blocks on a lock the test holds, then reports again.
-    handler_queue(db, name, f"""
+    plpgsql_queue(db, name, f"""
         INSERT INTO public.{name} VALUES (1);
         PERFORM queue.set_progress('{{"done": 1, "of": 2}}');
         PERFORM pg_advisory_xact_lock({LOCK});
@@ -56,7 +47,7 @@ def test_progress_is_seen_while_the_handler_runs_and_kept_after(cluster, db, nam
 
 
 def test_each_failed_attempt_keeps_its_progress(db, name):
-    handler_queue(db, name, """
+    plpgsql_queue(db, name, """
         PERFORM queue.set_progress(jsonb_build_object('attempt', (SELECT attempt FROM queue.current_job())));
         RAISE EXCEPTION 'boom';""", max_attempts=2, backoff_base="10 milliseconds")
     job = scalar(db, "SELECT queue.enqueue(%s, '{}')", (name,))
@@ -69,7 +60,7 @@ def test_each_failed_attempt_keeps_its_progress(db, name):
 
 def test_a_retry_does_not_show_the_last_attempts_progress(cluster, db, name):
     # Attempt 1 reports and fails; attempt 2 blocks before reporting: status shows none.
-    handler_queue(db, name, f"""
+    plpgsql_queue(db, name, f"""
         IF (SELECT attempt FROM queue.current_job()) = 1 THEN
             PERFORM queue.set_progress('{{"first": true}}');
             RAISE EXCEPTION 'again';
@@ -90,7 +81,7 @@ def test_a_retry_does_not_show_the_last_attempts_progress(cluster, db, name):
 def test_reads_are_never_torn(cluster, db, name):
     # The handler rewrites its progress as fast as it can, with texts of changing length;
     # every report another session reads must be one the handler wrote, whole.
-    handler_queue(db, name, f"""
+    plpgsql_queue(db, name, f"""
         FOR i IN 1 .. 1000000 LOOP
             PERFORM queue.set_progress(jsonb_build_object('i', i, 'fill', repeat(chr(65 + i % 26), 100 + i % 1500)));
             EXIT WHEN i % 1000 = 0 AND pg_try_advisory_xact_lock_shared({LOCK});
@@ -114,7 +105,7 @@ def test_reads_are_never_torn(cluster, db, name):
 def test_only_roles_that_see_the_job_see_its_progress(roles, name):
     with roles.connect(user="p_owner") as o, roles.connect(user="p_outsider") as m, \
             roles.connect() as holder:
-        handler_queue(o, name, f"""
+        plpgsql_queue(o, name, f"""
             PERFORM queue.set_progress('{{"secret": 42}}');
             PERFORM pg_advisory_xact_lock({LOCK});""")
         holder.execute("SELECT pg_advisory_lock(%s)", (LOCK,))
@@ -132,7 +123,7 @@ def test_only_roles_that_see_the_job_see_its_progress(roles, name):
 
 def test_set_progress_outside_a_handler_and_too_large(db, name):
     assert sqlstate(db, "SELECT queue.set_progress('{}')") == "55000"
-    handler_queue(db, name, "PERFORM queue.set_progress(jsonb_build_object('x', repeat('y', 3000)));",
+    plpgsql_queue(db, name, "PERFORM queue.set_progress(jsonb_build_object('x', repeat('y', 3000)));",
                   max_attempts=1)
     job = scalar(db, "SELECT queue.enqueue(%s, '{}')", (name,))
     assert wait_terminal(db, name, 1) == {"failed": 1}

@@ -74,10 +74,14 @@ impl Progress {
     }
 
     /// The report recorded for `job`, if any. None also when the writer kept changing it
-    /// for the whole of a bounded number of tries (it writes a few hundred words at most).
+    /// for the whole of about 100 ms (a write is a few hundred stores, but the writer can be
+    /// descheduled in the middle of one: so after a few spins the reader sleeps).
     fn read(&self, job: uuid::Uuid) -> Option<String> {
         let (hi, lo) = job.as_u64_pair();
-        for _ in 0..1000 {
+        for attempt in 0..2000 {
+            if attempt >= 100 {
+                std::thread::sleep(std::time::Duration::from_micros(50));
+            }
             let before = self.seq.load(Ordering::Acquire);
             if before % 2 == 1 {
                 std::hint::spin_loop();
