@@ -64,6 +64,20 @@ def test_always_failing_job_ends_failed(db, name):
     assert executor_pids(db) == before
 
 
+def test_a_handlers_own_sqlstate_is_kept(db, name):
+    """Codes Postgres does not define (an application's own) reach errors unchanged, as do
+    standard ones, also when the handler caught another error first."""
+    make_queue(db, name, """
+        BEGIN PERFORM 1 / 0; EXCEPTION WHEN division_by_zero THEN NULL; END;
+        RAISE EXCEPTION 'quota' USING ERRCODE = CASE WHEN payload ? 'std' THEN '23505' ELSE 'AB123' END;""",
+               max_attempts=1)
+    own = scalar(db, "SELECT queue.enqueue(%s)", (name,))
+    std = scalar(db, "SELECT queue.enqueue(%s, '{\"std\": 1}')", (name,))
+    assert wait_terminal(db, name, 2) == {"failed": 2}
+    codes = [scalar(db, "SELECT errors->0->>'sqlstate' FROM queue.status(%s)", (j,)) for j in (own, std)]
+    assert codes == ["AB123", "23505"]
+
+
 def test_handler_past_its_timeout_is_stopped_and_retried(db, name):
     make_queue(db, name, "PERFORM pg_sleep(30);", timeout="200 ms", max_attempts=2,
                backoff_base="10 ms", backoff_max="10 ms")

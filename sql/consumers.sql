@@ -118,7 +118,7 @@ DECLARE
 BEGIN
     PERFORM queue.check_claim(consumer, n, lease);
     PERFORM queue.seen(consumer);
-    IF q.paused THEN
+    IF q.paused OR q.throttled_until > clock_timestamp() THEN   -- cooling down: README "Flow control"
         RETURN;
     END IF;
     -- Claims of a queue are serialised (as the executors' are) so that the running count
@@ -169,7 +169,7 @@ BEGIN
     END IF;
     FOR name IN SELECT DISTINCT x FROM unnest(queues) x ORDER BY 1 LOOP
         q := queue.claimable(name);
-        IF NOT q.paused THEN
+        IF NOT (q.paused OR coalesce(q.throttled_until > clock_timestamp(), false)) THEN
             open_queues := open_queues || q.name;
         END IF;
     END LOOP;
@@ -235,6 +235,8 @@ COMMENT ON FUNCTION queue.heartbeat(uuid, uuid, interval, jsonb) IS
 
 CREATE FUNCTION queue.complete(id uuid, lease_token uuid, result jsonb DEFAULT NULL)
 RETURNS boolean LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    job_queue text;
 BEGIN
     IF pg_column_size(result) > current_setting('queue.max_result_size')::integer THEN
         RAISE EXCEPTION 'result too large: % bytes', pg_column_size(result)
@@ -242,7 +244,8 @@ BEGIN
                   DETAIL = format('Results may be at most %s bytes (queue.max_result_size).',
                                   current_setting('queue.max_result_size'));
     END IF;
-    IF queue.consumed_job(id, lease_token, true) IS NULL THEN
+    job_queue := queue.consumed_job(id, lease_token, true);
+    IF job_queue IS NULL THEN
         RETURN false;
     END IF;
     WITH d AS (
@@ -252,12 +255,16 @@ BEGIN
         RETURNING j.*)
     INSERT INTO queue.history (id, queue, state, payload, enqueued_by, unique_key, depends_on, on_dependency_failure, priority, run_at, attempts,
                                max_attempts, timeout, created_at, started_at, finished_at, worker_pid,
-                               consumer, result, progress, errors)
+                               consumer, result, progress, snoozes, errors)
     SELECT d.id, d.queue, 'succeeded', d.payload, d.enqueued_by, d.unique_key, d.depends_on, d.on_dependency_failure, d.priority, d.run_at, d.attempts,
            d.max_attempts, d.timeout, d.created_at, d.started_at, clock_timestamp(), d.worker_pid,
-           d.consumer, complete.result, d.progress, d.errors
+           d.consumer, complete.result, d.progress, d.snoozes, d.errors
       FROM d;
-    RETURN FOUND;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    PERFORM queue.record_flow(job_queue, 0, NULL, 1);     -- a success ends a throttle streak
+    RETURN true;
 END
 $$;
 COMMENT ON FUNCTION queue.complete(uuid, uuid, jsonb) IS
@@ -302,10 +309,10 @@ BEGIN
         WITH d AS (DELETE FROM queue.jobs x WHERE x.id = j.id RETURNING x.*)
         INSERT INTO queue.history (id, queue, state, payload, enqueued_by, unique_key, depends_on, on_dependency_failure, priority, run_at, attempts,
                                    max_attempts, timeout, created_at, started_at, finished_at, worker_pid,
-                                   consumer, progress, errors)
+                                   consumer, progress, snoozes, errors)
         SELECT d.id, d.queue, 'failed', d.payload, d.enqueued_by, d.unique_key, d.depends_on, d.on_dependency_failure, d.priority, d.run_at, d.attempts,
                d.max_attempts, d.timeout, d.created_at, d.started_at, clock_timestamp(), d.worker_pid,
-               d.consumer, d.progress, d.errors || failure
+               d.consumer, d.progress, d.snoozes, d.errors || failure
           FROM d;
     END IF;
     RETURN true;

@@ -23,6 +23,9 @@ GRANT EXECUTE ON FUNCTION
     -- external consumers
     queue.claim(text, text, integer, interval), queue.claim(text[], text, integer, interval),
     queue.heartbeat, queue.complete, queue.fail, queue.channel,
+    -- flow control
+    queue.snooze(interval), queue.snooze(uuid, uuid, interval),
+    queue.throttle(interval), queue.throttle(uuid, uuid, interval),
     -- schedules
     queue.schedule, queue.alter_schedule, queue.unschedule, queue.cron_next,
     -- pure helpers, and what the views call

@@ -414,10 +414,10 @@ BEGIN
                    RETURNING j.*)
         INSERT INTO queue.history (id, queue, state, payload, enqueued_by, unique_key, depends_on, on_dependency_failure, priority, run_at, attempts,
                                    max_attempts, timeout, created_at, started_at, finished_at, worker_pid,
-                                   consumer, progress, errors)
+                                   consumer, progress, snoozes, errors)
         SELECT d.id, d.queue, 'cancelled', d.payload, d.enqueued_by, d.unique_key, d.depends_on, d.on_dependency_failure, d.priority, d.run_at, d.attempts,
                d.max_attempts, d.timeout, d.created_at, d.started_at, clock_timestamp(), d.worker_pid,
-               d.consumer, d.progress, d.errors
+               d.consumer, d.progress, d.snoozes, d.errors
           FROM d;
         IF FOUND THEN
             RETURN true;
@@ -440,13 +440,13 @@ SELECT j.id, j.queue, j.state, j.state = 'queued' AND j.run_at > now() AS schedu
        j.enqueued_by, j.unique_key, j.depends_on, j.waiting_for,
        -- an executor publishes its handler's progress in shared memory, a consumer here
        CASE WHEN j.worker_id IS NULL THEN j.progress ELSE queue.job_progress(j.id, j.worker_id) END
-           AS progress
+           AS progress, j.snoozes
   FROM queue.jobs j
 UNION ALL
 SELECT h.id, h.queue, h.state, false, h.attempts, h.max_attempts, h.priority, h.run_at,
        h.created_at, h.started_at, h.finished_at, h.errors -> -1 ->> 'message', h.errors,
        h.result, h.worker_pid, h.consumer, NULL::timestamptz, h.payload, h.enqueued_by,
-       h.unique_key, h.depends_on, 0, h.progress
+       h.unique_key, h.depends_on, 0, h.progress, h.snoozes
   FROM queue.history h;
 
 -- job_status: the jobs the current role may see. A security barrier: a function in a
@@ -576,7 +576,10 @@ SELECT q.name AS queue, q.paused, q.is_full, q.concurrency,
        coalesce(l.running, 0) AS running, coalesce(l.waiting, 0) AS waiting, l.oldest_ready_age,
        coalesce(h.succeeded, 0) AS succeeded_last_hour, coalesce(h.failed, 0) AS failed_last_hour,
        coalesce(h.cancelled, 0) AS cancelled_last_hour,
-       round(coalesce(h.last_minute, 0) / 60.0, 1) AS finished_per_second_last_minute
+       round(coalesce(h.last_minute, 0) / 60.0, 1) AS finished_per_second_last_minute,
+       -- flow control: a throttle's cool-down in progress, and the streak that set it
+       CASE WHEN q.throttled_until > now() THEN q.throttled_until END AS throttled_until,
+       q.throttle_count AS consecutive_throttles
   FROM queue.queues q
   LEFT JOIN LATERAL (
       SELECT count(*) FILTER (WHERE j.state = 'queued' AND j.run_at <= now()) AS ready,
@@ -595,4 +598,4 @@ SELECT q.name AS queue, q.paused, q.is_full, q.concurrency,
  WHERE pg_catalog.pg_has_role(current_user, 'pg_monitor', 'USAGE')
     OR q.name IN (SELECT p.queue FROM queue.my_privileges() p WHERE p.read);
 COMMENT ON VIEW queue.stats IS
-    'Per queue: ready, scheduled, running and waiting jobs, the age of the oldest ready one, and the last hour''s outcomes and throughput.';
+    'Per queue: ready, scheduled, running and waiting jobs, the age of the oldest ready one, the last hour''s outcomes and throughput, and a throttle cool-down in progress.';

@@ -146,7 +146,10 @@ CREATE FUNCTION queue.create_queue(
     retention_cancelled interval DEFAULT NULL,
     search_path   text     DEFAULT '"$user", public',
     max_payload_size integer DEFAULT NULL,
-    max_pending_jobs bigint  DEFAULT NULL)
+    max_pending_jobs bigint  DEFAULT NULL,
+    throttle_base interval DEFAULT '1 second',
+    throttle_max  interval DEFAULT '5 minutes',
+    max_snoozes   integer  DEFAULT 100)
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     handler_sig text;
@@ -171,24 +174,28 @@ BEGIN
     PERFORM queue.check_state_retentions(retention_succeeded, retention_failed, retention_cancelled);
     PERFORM queue.check_search_path(create_queue.search_path);
     PERFORM queue.check_limits(create_queue.max_payload_size, create_queue.max_pending_jobs);
+    PERFORM queue.check_flow_settings(create_queue.throttle_base, create_queue.throttle_max,
+                                      create_queue.max_snoozes);
     INSERT INTO queue.queues AS q (name, handler, notify, owner, concurrency, max_attempts, timeout,
                                    backoff_base, backoff_max, retention, paused,
                                    retention_succeeded, retention_failed, retention_cancelled,
-                                   search_path, max_payload_size, max_pending_jobs)
+                                   search_path, max_payload_size, max_pending_jobs,
+                                   throttle_base, throttle_max, max_snoozes)
     VALUES (create_queue.name, handler_sig, create_queue.notify, owner, create_queue.concurrency,
             create_queue.max_attempts, create_queue.timeout, create_queue.backoff_base,
             create_queue.backoff_max, create_queue.retention, coalesce(create_queue.paused, false),
             create_queue.retention_succeeded, create_queue.retention_failed,
             create_queue.retention_cancelled, create_queue.search_path,
-            create_queue.max_payload_size, create_queue.max_pending_jobs)
+            create_queue.max_payload_size, create_queue.max_pending_jobs,
+            create_queue.throttle_base, create_queue.throttle_max, create_queue.max_snoozes)
     ON CONFLICT DO NOTHING;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'queue "%" already exists', name USING ERRCODE = 'duplicate_object';
     END IF;
 END
 $$;
-COMMENT ON FUNCTION queue.create_queue(text, regprocedure, boolean, integer, integer, interval, interval, interval, interval, boolean, interval, interval, interval, text, integer, bigint) IS
-    'Creates a queue run by a SQL handler (a procedure or function taking payload jsonb), or a NOTIFY queue for external consumers. The caller owns it; the handler runs as the owner, with search_path pinned. retention: how long finished jobs stay in history (retention_succeeded/failed/cancelled override it per state). max_payload_size, max_pending_jobs: lower limits than the server''s.';
+COMMENT ON FUNCTION queue.create_queue(text, regprocedure, boolean, integer, integer, interval, interval, interval, interval, boolean, interval, interval, interval, text, integer, bigint, interval, interval, integer) IS
+    'Creates a queue run by a SQL handler (a procedure or function taking payload jsonb), or a NOTIFY queue for external consumers. The caller owns it; the handler runs as the owner, with search_path pinned. retention: how long finished jobs stay in history (retention_succeeded/failed/cancelled override it per state). max_payload_size, max_pending_jobs: lower limits than the server''s. throttle_base, throttle_max: the cool-down curve after throttles; max_snoozes: snoozes allowed per job.';
 
 -- alter_queue: NULL leaves a setting unchanged.
 CREATE FUNCTION queue.alter_queue(
@@ -205,7 +212,10 @@ CREATE FUNCTION queue.alter_queue(
     retention_cancelled interval DEFAULT NULL,
     search_path   text     DEFAULT NULL,
     max_payload_size integer DEFAULT NULL,
-    max_pending_jobs bigint  DEFAULT NULL)
+    max_pending_jobs bigint  DEFAULT NULL,
+    throttle_base interval DEFAULT NULL,
+    throttle_max  interval DEFAULT NULL,
+    max_snoozes   integer  DEFAULT NULL)
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     -- What the handler runs and how is the owner's to change; the rest managers may.
@@ -238,16 +248,21 @@ BEGIN
     PERFORM queue.check_state_retentions(q.retention_succeeded, q.retention_failed, q.retention_cancelled);
     PERFORM queue.check_settings(q.concurrency, q.max_attempts, q.timeout,
                                  q.backoff_base, q.backoff_max, q.retention);
+    q.throttle_base := coalesce(alter_queue.throttle_base, q.throttle_base);
+    q.throttle_max  := coalesce(alter_queue.throttle_max, q.throttle_max);
+    q.max_snoozes   := coalesce(alter_queue.max_snoozes, q.max_snoozes);
+    PERFORM queue.check_flow_settings(q.throttle_base, q.throttle_max, q.max_snoozes);
     UPDATE queue.queues SET handler = q.handler, concurrency = q.concurrency,
            max_attempts = q.max_attempts, timeout = q.timeout, backoff_base = q.backoff_base,
            backoff_max = q.backoff_max, retention = q.retention,
            retention_succeeded = q.retention_succeeded, retention_failed = q.retention_failed,
            retention_cancelled = q.retention_cancelled, search_path = q.search_path,
-           max_payload_size = q.max_payload_size, max_pending_jobs = q.max_pending_jobs
+           max_payload_size = q.max_payload_size, max_pending_jobs = q.max_pending_jobs,
+           throttle_base = q.throttle_base, throttle_max = q.throttle_max, max_snoozes = q.max_snoozes
      WHERE queues.name = q.name;
 END
 $$;
-COMMENT ON FUNCTION queue.alter_queue(text, regprocedure, integer, integer, interval, interval, interval, interval, interval, interval, interval, text, integer, bigint) IS
+COMMENT ON FUNCTION queue.alter_queue(text, regprocedure, integer, integer, interval, interval, interval, interval, interval, interval, interval, text, integer, bigint, interval, interval, integer) IS
     'Changes a queue''s settings; NULL arguments leave a setting unchanged. Jobs already enqueued keep their own max_attempts. handler and search_path: owner only; the rest: owner or manage.';
 
 -- drop_queue: refuses while the queue has live jobs, unless force, which cancels them
@@ -277,9 +292,9 @@ BEGIN
     WITH d AS (DELETE FROM queue.jobs WHERE jobs.queue = q.name RETURNING *)
     INSERT INTO queue.history (id, queue, state, payload, enqueued_by, unique_key, depends_on, on_dependency_failure, priority, run_at, attempts,
                                max_attempts, timeout, created_at, started_at, finished_at, worker_pid,
-                               consumer, progress, errors)
+                               consumer, progress, snoozes, errors)
     SELECT id, queue, 'cancelled', payload, enqueued_by, unique_key, depends_on, on_dependency_failure, priority, run_at, attempts, max_attempts,
-           timeout, created_at, started_at, clock_timestamp(), worker_pid, consumer, progress,
+           timeout, created_at, started_at, clock_timestamp(), worker_pid, consumer, progress, snoozes,
            errors || jsonb_build_object('attempt', attempts, 'at', clock_timestamp(),
                                         'message', 'queue dropped')
       FROM d;

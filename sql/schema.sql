@@ -62,6 +62,13 @@ CREATE TABLE queue.queues (
     max_pending_jobs bigint,
     -- Set by the launcher while the queue holds max_pending_jobs live jobs: enqueue refuses.
     is_full       boolean     NOT NULL DEFAULT false,
+    -- Flow control (sql/flow.sql): a throttled job cools the whole queue down for
+    -- min(throttle_base * 2^n, throttle_max), n = consecutive throttles, reset by a success.
+    throttle_base interval    NOT NULL DEFAULT '1 second',
+    throttle_max  interval    NOT NULL DEFAULT '5 minutes',
+    throttle_count integer    NOT NULL DEFAULT 0,
+    throttled_until timestamptz,                      -- no job of the queue starts before
+    max_snoozes   integer     NOT NULL DEFAULT 100,   -- per job; the next snooze fails the attempt
     created_at    timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT queues_name_valid CHECK (name ~ '^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,62}$'),
     CONSTRAINT queues_one_handler CHECK ((handler IS NULL) = notify),
@@ -70,6 +77,9 @@ CREATE TABLE queue.queues (
     CONSTRAINT queues_timeout_positive CHECK (timeout > interval '0'),
     CONSTRAINT queues_backoff_valid CHECK (backoff_base >= interval '0' AND backoff_max >= backoff_base),
     CONSTRAINT queues_limits_positive CHECK (max_payload_size > 0 IS NOT FALSE AND max_pending_jobs > 0 IS NOT FALSE),
+    CONSTRAINT queues_throttle_valid CHECK (throttle_base > interval '0' AND throttle_max >= throttle_base
+        AND throttle_count >= 0),
+    CONSTRAINT queues_max_snoozes_valid CHECK (max_snoozes >= 0),
     CONSTRAINT queues_retention_positive CHECK (retention > interval '0'
         AND retention_succeeded > interval '0' IS NOT FALSE AND retention_failed > interval '0' IS NOT FALSE
         AND retention_cancelled > interval '0' IS NOT FALSE)
@@ -102,6 +112,7 @@ CREATE TABLE queue.jobs (
     on_dependency_failure text,                         -- 'cancel' or 'run' (with depends_on)
     waiting_for       integer     NOT NULL DEFAULT 0,   -- how many of depends_on have not finished
     progress          jsonb,                            -- a consumer's last heartbeat(progress) this attempt
+    snoozes           integer     NOT NULL DEFAULT 0,   -- times it was snoozed (attempts not counted)
     CONSTRAINT jobs_live_state CHECK (state IN ('waiting', 'queued', 'running')),
     CONSTRAINT jobs_waiting_for_dependencies CHECK ((state = 'waiting') = (waiting_for > 0)),
     CONSTRAINT jobs_dependency_failure_valid CHECK (on_dependency_failure IN ('cancel', 'run')),
@@ -154,6 +165,7 @@ CREATE TABLE queue.history (
     depends_on    uuid[],
     on_dependency_failure text,
     progress      jsonb,                                -- the last attempt's last progress report
+    snoozes       integer     NOT NULL DEFAULT 0,
     CONSTRAINT history_terminal_state CHECK (state IN ('succeeded', 'failed', 'cancelled')),
     CONSTRAINT history_attempts_in_range CHECK (attempts >= 0 AND attempts <= max_attempts),
     CONSTRAINT history_finished_after_created CHECK (finished_at >= created_at)

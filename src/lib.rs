@@ -26,6 +26,7 @@ use pgrx::prelude::*;
 
 mod api;
 mod cron;
+mod flow;
 mod gucs;
 mod security;
 mod shmem;
@@ -65,6 +66,11 @@ extension_sql_file!(
     "../sql/consumers.sql",
     name = "consumers",
     requires = ["jobs", api::executors, api::check_progress]
+);
+extension_sql_file!(
+    "../sql/flow.sql",
+    name = "flow",
+    requires = ["consumers", flow::signal_job]
 );
 extension_sql_file!(
     "../sql/schedules.sql",

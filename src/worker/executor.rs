@@ -11,7 +11,9 @@ use super::{kept, transaction, SqlError};
 use crate::security::sandbox;
 use crate::{gucs, shmem};
 use pgrx::bgworkers::BackgroundWorker;
-use pgrx::pg_sys::BuiltinOid::{INT4OID, TEXTARRAYOID, TEXTOID, UUIDARRAYOID, UUIDOID};
+use pgrx::pg_sys::BuiltinOid::{
+    INT4OID, INT8ARRAYOID, TEXTARRAYOID, TEXTOID, UUIDARRAYOID, UUIDOID,
+};
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::PgOid::BuiltIn;
@@ -29,6 +31,9 @@ pub struct CurrentJob {
     pub payload: String,
     /// The jobs it was enqueued to wait for (`depends_on`), for a fan-in handler.
     pub depends_on: Option<Vec<pgrx::Uuid>>,
+    /// How often it was snoozed, and the queue's limit (`queue.snooze()` checks).
+    pub snoozes: i32,
+    pub max_snoozes: i32,
 }
 
 thread_local! {
@@ -81,6 +86,8 @@ struct Claimed {
     timeout_ms: i32,
     handler: Handler,
     depends_on: Option<Vec<pgrx::Uuid>>,
+    snoozes: i32,
+    max_snoozes: i32,
 }
 
 /// What running a job produced; becomes one row of the record statement.
@@ -93,6 +100,8 @@ struct Outcome {
     error: Option<String>,
     /// The handler's last progress report (kept in history, or in the attempt's error).
     progress: Option<String>,
+    /// A snooze or throttle instead of an outcome (state `queued`, attempt not counted).
+    signal: Option<crate::flow::Signal>,
 }
 
 /// This executor's life: its registry slot, identity and the jobs it holds.
@@ -265,6 +274,7 @@ fn run_batch(
                 result: None,
                 error: None,
                 progress: None,
+                signal: None,
             }));
         }
         record(client, &outcomes)?;
@@ -297,6 +307,7 @@ fn run_job(job: &Claimed, slot: usize) -> Outcome {
         result,
         error,
         progress: PROGRESS.with_borrow(|p| p.clone()),
+        signal: None,
     };
     let cancelled = |attempt| {
         log!(
@@ -327,6 +338,8 @@ fn run_job(job: &Claimed, slot: usize) -> Outcome {
         max_attempts: job.max_attempts,
         payload: job.payload.clone(),
         depends_on: job.depends_on.clone(),
+        snoozes: job.snoozes,
+        max_snoozes: job.max_snoozes,
     }));
     super::report_activity(
         &format!(
@@ -340,6 +353,18 @@ fn run_job(job: &Claimed, slot: usize) -> Outcome {
         Ok(sql) => call_handler(sql, job),
     };
     CURRENT_JOB.set(None);
+    let signal = crate::flow::take_signal(result.as_ref().err().map(|e| e.sqlstate.as_str()));
+    if let Some(signal) = signal {
+        debug1!(
+            "pg_queue: job {id} (queue {}, attempt {}) {signal:?}",
+            job.queue,
+            job.attempt
+        );
+        return Outcome {
+            signal: Some(signal),
+            ..outcome(crate::state::JobState::Queued, None, None)
+        };
+    }
     match result {
         Ok(result) => outcome(crate::state::JobState::Succeeded, result, None),
         Err(e) if e.sqlstate == "57014" && shmem::cancel_requested(slot, id) => {
@@ -380,6 +405,7 @@ fn call_handler(sql: &str, job: &Claimed) -> Result<Option<String>, SqlError> {
     let timeout_ms = job.timeout_ms;
     let payload = job.payload.as_str();
     let r = super::subtransaction(move || {
+        let _witness = super::SqlstateWitness::new();
         let entered = sandbox::enter(handler.owner, Some(&handler.search_path));
         super::enter_handler(timeout_ms);
         let r = Spi::connect_mut(|client| -> Result<Option<String>, SqlError> {
@@ -417,6 +443,15 @@ fn call_handler(sql: &str, job: &Claimed) -> Result<Option<String>, SqlError> {
             }
         }
         result
+    });
+    let r = r.map_err(|mut e| {
+        if e.sqlstate == "XX000" {
+            // pgrx names only the standard codes: take the handler's own from the witness.
+            if let Some(code) = super::SqlstateWitness::last() {
+                e.sqlstate = code;
+            }
+        }
+        e
     });
     if r.is_err() {
         super::leave_handler(); // the ERROR skipped the call above
@@ -460,23 +495,29 @@ fn error_json(e: &SqlError, attempt: i32) -> String {
 /// than hash the whole jobs table.
 const RECORD_SQL: &str = "
 WITH o AS (
-    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[]::queue.job_state[], $4::text[]::jsonb[],
-                         $5::text[]::jsonb[], $6::text[]::jsonb[])
-             AS o(id, token, state, result, error, progress)
+    SELECT u.*, u.delay_ms * interval '1 millisecond' AS delay
+      FROM unnest($1::uuid[], $2::uuid[], $3::text[]::queue.job_state[], $4::text[]::jsonb[],
+                  $5::text[]::jsonb[], $6::text[]::jsonb[], $7::text[], $8::int8[])
+             AS u(id, token, state, result, error, progress, signal, delay_ms)
 ), retried AS (
     UPDATE queue.jobs j
        SET state = 'queued', started_at = NULL, worker_pid = NULL, worker_id = NULL,
            lease_token = NULL,
            attempts = j.attempts - (o.error IS NULL)::int,
+           snoozes = j.snoozes + (o.signal IS NOT DISTINCT FROM 'snooze')::int,
            errors = CASE WHEN o.error IS NULL THEN j.errors
                          ELSE j.errors || (o.error || jsonb_build_object('at', clock_timestamp())) END,
-           run_at = CASE WHEN o.error IS NULL THEN j.run_at ELSE clock_timestamp() + coalesce(
+           run_at = CASE WHEN o.signal = 'snooze' THEN clock_timestamp() + o.delay
+                         WHEN o.signal = 'throttle' THEN clock_timestamp() + (
+                             SELECT queue.cooldown(q, o.delay) FROM queue.queues q WHERE q.name = j.queue)
+                         WHEN o.error IS NULL THEN j.run_at
+                         ELSE clock_timestamp() + coalesce(
                (SELECT queue.backoff(q.backoff_base, q.backoff_max, j.attempts)
                   FROM queue.queues q WHERE q.name = j.queue), interval '0') END
       FROM o
      WHERE j.id = ANY($1::uuid[])
        AND o.state = 'queued' AND j.id = o.id AND j.state = 'running' AND j.lease_token = o.token
-    RETURNING 1
+    RETURNING j.queue, o.signal, o.delay
 ), finished AS (
     DELETE FROM queue.jobs j USING o
      WHERE j.id = ANY($1::uuid[])
@@ -486,15 +527,29 @@ WITH o AS (
 ), moved AS (
     INSERT INTO queue.history (id, queue, state, payload, enqueued_by, unique_key, depends_on, on_dependency_failure, priority, run_at, attempts,
                                max_attempts, timeout, created_at, started_at, finished_at, worker_pid,
-                               result, progress, errors)
+                               result, progress, snoozes, errors)
     SELECT id, queue, new_state, payload, enqueued_by, unique_key, depends_on, on_dependency_failure, priority, run_at, attempts, max_attempts, timeout,
-           created_at, started_at, clock_timestamp(), worker_pid, new_result, new_progress,
+           created_at, started_at, clock_timestamp(), worker_pid, new_result, new_progress, snoozes,
            CASE WHEN new_error IS NULL THEN errors
                 ELSE errors || (new_error || jsonb_build_object('at', clock_timestamp())) END
       FROM finished
     RETURNING 1
+), flow AS (
+    -- Throttles cool their queue down; a success resets a queue's throttle count (only
+    -- queues that have one pay for the call).
+    SELECT queue.record_flow(t.queue, t.throttles, t.retry_after, t.successes)
+      FROM (SELECT x.queue, count(*) FILTER (WHERE x.signal = 'throttle') AS throttles,
+                   max(x.delay) FILTER (WHERE x.signal = 'throttle') AS retry_after,
+                   count(*) FILTER (WHERE x.succeeded) AS successes
+              FROM (SELECT r.queue, r.signal, r.delay, false AS succeeded FROM retried r
+                    UNION ALL
+                    SELECT f.queue, NULL, NULL, f.new_state = 'succeeded' FROM finished f) x
+             GROUP BY x.queue) t
+     WHERE t.throttles > 0
+        OR (t.successes > 0 AND EXISTS (SELECT 1 FROM queue.queues q
+                                         WHERE q.name = t.queue AND q.throttle_count > 0))
 )
-SELECT (SELECT count(*) FROM retried) + (SELECT count(*) FROM moved)";
+SELECT (SELECT count(*) FROM retried) + (SELECT count(*) FROM moved) + 0 * (SELECT count(*) FROM flow)";
 
 fn record(client: &mut SpiClient<'_>, outcomes: &[Outcome]) -> Result<(), SqlError> {
     if outcomes.is_empty() {
@@ -506,6 +561,10 @@ fn record(client: &mut SpiClient<'_>, outcomes: &[Outcome]) -> Result<(), SqlErr
     let results: Vec<Option<&str>> = outcomes.iter().map(|o| o.result.as_deref()).collect();
     let errors: Vec<Option<&str>> = outcomes.iter().map(|o| o.error.as_deref()).collect();
     let progress: Vec<Option<&str>> = outcomes.iter().map(|o| o.progress.as_deref()).collect();
+    let (signals, delays): (Vec<Option<&str>>, Vec<Option<i64>>) = outcomes
+        .iter()
+        .map(|o| crate::flow::Signal::columns(o.signal))
+        .unzip();
     let plan = kept(
         client,
         RECORD_SQL,
@@ -516,6 +575,8 @@ fn record(client: &mut SpiClient<'_>, outcomes: &[Outcome]) -> Result<(), SqlErr
             BuiltIn(TEXTARRAYOID),
             BuiltIn(TEXTARRAYOID),
             BuiltIn(TEXTARRAYOID),
+            BuiltIn(TEXTARRAYOID),
+            BuiltIn(INT8ARRAYOID),
         ],
     )?;
     let moved = client
@@ -529,6 +590,8 @@ fn record(client: &mut SpiClient<'_>, outcomes: &[Outcome]) -> Result<(), SqlErr
                 results.into(),
                 errors.into(),
                 progress.into(),
+                signals.into(),
+                delays.into(),
             ],
         )?
         .first()
@@ -556,11 +619,12 @@ SELECT q.name, q.concurrency, q.owner::oid,
             WHEN p.prorettype = 'jsonb'::regtype THEN format('SELECT %I.%I($1::jsonb)::text', n.nspname, p.proname)
             ELSE format('SELECT %I.%I($1::jsonb)', n.nspname, p.proname) END,
        p.prokind = 'f' AND p.prorettype = 'jsonb'::regtype,
-       q.search_path, EXISTS (SELECT 1 FROM pg_authid r WHERE r.oid = q.owner)
+       q.search_path, EXISTS (SELECT 1 FROM pg_authid r WHERE r.oid = q.owner), q.max_snoozes
   FROM queue.queues q
   LEFT JOIN pg_proc p ON p.oid = to_regprocedure(q.handler)
   LEFT JOIN pg_namespace n ON n.oid = p.pronamespace
  WHERE NOT q.paused AND NOT q.notify
+   AND (q.throttled_until IS NULL OR q.throttled_until <= statement_timestamp())
    AND EXISTS (SELECT 1 FROM queue.jobs j
                 WHERE j.queue = q.name AND j.state = 'queued' AND j.run_at <= statement_timestamp())
  ORDER BY q.name";
@@ -574,7 +638,8 @@ const CLAIM_SQL: &str = "
 WITH c AS (
     SELECT id FROM queue.jobs
      WHERE queue = $1 AND state = 'queued' AND run_at <= statement_timestamp()
-       AND NOT (SELECT paused FROM queue.queues WHERE name = $1)
+       AND NOT (SELECT paused OR coalesce(throttled_until > statement_timestamp(), false)
+                  FROM queue.queues WHERE name = $1)
      ORDER BY priority, run_at, id
      LIMIT CASE WHEN $3 >= $5 THEN $2
                 ELSE greatest(0, least($2, $3 - (SELECT count(*) FROM queue.jobs
@@ -586,7 +651,7 @@ UPDATE queue.jobs j
        worker_pid = pg_backend_pid(), worker_id = $4, lease_token = gen_random_uuid()
  WHERE j.id = ANY(ARRAY(SELECT id FROM c))
 RETURNING j.id, j.lease_token, j.attempts, j.max_attempts, j.payload::text,
-          (extract(epoch FROM j.timeout) * 1000)::int4, j.depends_on";
+          (extract(epoch FROM j.timeout) * 1000)::int4, j.depends_on, j.snoozes";
 
 /// A concurrency limit this high is never reached by executors: each holds at most one
 /// batch (64 executors x 64 jobs), and as many may still be held by dead ones until reaped.
@@ -602,6 +667,7 @@ pub const ADVISORY_LOCK_SPACE: i32 = 0x7067_7175;
 struct ReadyQueue {
     name: String,
     concurrency: i32,
+    max_snoozes: i32,
     handler: Handler,
     timeout_ms: i32,
 }
@@ -678,6 +744,7 @@ fn ready_queues(client: &mut SpiClient<'_>) -> Result<Vec<ReadyQueue>, SqlError>
         };
         queues.push(ReadyQueue {
             concurrency: row.get::<i32>(2)?.unwrap_or(1),
+            max_snoozes: row.get::<i32>(9)?.unwrap_or(0),
             handler: Handler {
                 owner: row.get::<pg_sys::Oid>(3)?.unwrap_or(pg_sys::Oid::INVALID),
                 call,
@@ -747,19 +814,25 @@ fn claim_from(
             payload: row.get::<String>(5)?.unwrap_or_else(|| "{}".into()),
             timeout_ms: row.get::<i32>(6)?.unwrap_or(q.timeout_ms),
             depends_on: row.get::<Vec<pgrx::Uuid>>(7)?,
+            snoozes: row.get::<i32>(8)?.unwrap_or(0),
+            max_snoozes: q.max_snoozes,
             handler: q.handler.clone(),
         });
     }
     Ok(claimed)
 }
 
-/// How long until the next scheduled job becomes ready, if one is queued.
+/// How long until the next scheduled job becomes ready, or a queue's throttle cool-down
+/// ends, if either is ahead.
 fn next_ready_in(client: &mut SpiClient<'_>) -> Result<Option<Duration>, SqlError> {
     let plan = kept(
         client,
-        "SELECT ceil(extract(epoch FROM min(run_at) - clock_timestamp()) * 1000)::int8
-           FROM queue.jobs
-          WHERE state = 'queued' AND run_at > created_at AND run_at > statement_timestamp()",
+        "SELECT ceil(extract(epoch FROM least(
+                    (SELECT min(run_at) FROM queue.jobs
+                      WHERE state = 'queued' AND run_at > created_at AND run_at > statement_timestamp()),
+                    (SELECT min(throttled_until) FROM queue.queues
+                      WHERE throttled_until > statement_timestamp()))
+                  - clock_timestamp()) * 1000)::int8",
         &[],
     )?;
     let ms = client.update(&*plan, None, &[])?.first().get_one::<i64>()?;

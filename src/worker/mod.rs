@@ -156,6 +156,60 @@ pub fn subtransaction<R>(f: impl FnOnce() -> R + UnwindSafe) -> Result<R, SqlErr
     }
 }
 
+thread_local! {
+    /// The SQLSTATE of the last ERROR raised under a SqlstateWitness (0 = none).
+    static LAST_SQLSTATE: std::cell::Cell<i32> = const { std::cell::Cell::new(0) };
+}
+
+/// While alive, notes the SQLSTATE of every error raised below it, through an error
+/// context callback (Postgres calls those while it builds the error). pgrx reports a
+/// SQLSTATE it has no name for as XX000, which would lose a handler's own codes
+/// (`RAISE ... USING ERRCODE = 'AB123'`, or flow control's). Popped on drop, also when an
+/// ERROR unwinds through it.
+pub struct SqlstateWitness {
+    cb: Box<pg_sys::ErrorContextCallback>,
+}
+
+impl SqlstateWitness {
+    pub fn new() -> SqlstateWitness {
+        LAST_SQLSTATE.set(0);
+        // SAFETY: error_context_stack is this process's; the box outlives its place on the
+        // stack, since drop takes it off before freeing it.
+        unsafe {
+            let mut cb = Box::new(pg_sys::ErrorContextCallback {
+                previous: pg_sys::error_context_stack,
+                callback: Some(note_sqlstate),
+                arg: std::ptr::null_mut(),
+            });
+            pg_sys::error_context_stack = &mut *cb;
+            SqlstateWitness { cb }
+        }
+    }
+
+    /// The SQLSTATE of the last error raised under the witness, if any.
+    pub fn last() -> Option<String> {
+        let code = LAST_SQLSTATE.get();
+        (code != 0).then(|| sqlstate_text(code))
+    }
+}
+
+impl Drop for SqlstateWitness {
+    fn drop(&mut self) {
+        // SAFETY: restores the stack as it was when the witness was made.
+        unsafe {
+            if std::ptr::eq(pg_sys::error_context_stack, &*self.cb) {
+                pg_sys::error_context_stack = self.cb.previous;
+            }
+        }
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn note_sqlstate(_arg: *mut std::ffi::c_void) {
+    // SAFETY: called by errfinish while an error is being built, as geterrcode requires.
+    LAST_SQLSTATE.set(unsafe { pg_sys::geterrcode() });
+}
+
 /// A job's handler starts: arms the statement timeout for `ms` milliseconds (when it fires,
 /// the handler fails with 57014 "canceling statement due to statement timeout"), lets SIGINT
 /// in, and starts the periodic handler check. The timeout cannot be lifted from inside:
