@@ -278,6 +278,22 @@ class Bench:
                     f"drain {n:,} jobs, 2 executors", plain_once, graph_once)
         self.record("  last dependency finished to fan-in job started", statistics.median(delays), "ms")
 
+    def rate_run(self):
+        n = self.size["drain"]
+        print(f"drain of a queue with a rate limit far above the drain rate (1 000 000/s; every "
+              f"claim reserves and settles its budget), beside a plain drain, 2 executors:")
+        self.set_workers(2)
+        self.sql("SELECT queue.create_queue('bench_rated', 'bench_noop(jsonb)', concurrency => 10000, "
+                 "rate_limit => '1000000/1 second')")
+
+        def drain_once(queue):
+            rate = self.drain(queue, n)
+            self.sql("TRUNCATE queue.history")
+            return rate
+        self.paired(f"drain {n:,} jobs, rate-limited queue, 2 executors", "jobs/s",
+                    f"drain {n:,} jobs, 2 executors (same run)",
+                    lambda: drain_once("bench_drain"), lambda: drain_once("bench_rated"))
+
     def latency_run(self):
         print("pg_queue idle pickup (enqueue commit to handler start):")
         self.set_workers(2)
@@ -375,6 +391,7 @@ class Bench:
             self.enqueue_run()
             self.drain_run()
             self.graph_run()
+            self.rate_run()
             self.latency_run()
             self.history_run()
             self.rss_run()

@@ -115,6 +115,9 @@ RETURNS TABLE (id uuid, payload jsonb, attempt integer, lease_token uuid, lease_
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     q queue.queues := queue.claimable(claim.queue);
+    t0 timestamptz;
+    budget integer := n;
+    claimed integer;
 BEGIN
     PERFORM queue.check_claim(consumer, n, lease);
     PERFORM queue.seen(consumer);
@@ -124,21 +127,30 @@ BEGIN
     -- Claims of a queue are serialised (as the executors' are) so that the running count
     -- the concurrency limit is checked against is exact.
     PERFORM pg_advisory_xact_lock(1885827445, hashtext(q.name));
+    -- A rate limit's starts are reserved after started_at (t0) and settled below.
+    t0 := clock_timestamp();
+    IF q.rate_limit IS NOT NULL THEN
+        budget := queue.rate_take(q.name, q.rate_limit, q.rate_window, n);
+    END IF;
     RETURN QUERY
     WITH c AS (
         SELECT j.id FROM queue.jobs j
-         WHERE j.queue = q.name AND j.state = 'queued' AND j.run_at <= clock_timestamp()
+         WHERE j.queue = q.name AND j.state = 'queued' AND j.run_at <= t0
          ORDER BY j.priority, j.run_at, j.id
-         LIMIT greatest(0, least(n, q.concurrency - (SELECT count(*) FROM queue.jobs r
-                                                      WHERE r.queue = q.name AND r.state = 'running')))
+         LIMIT greatest(0, least(budget, q.concurrency - (SELECT count(*) FROM queue.jobs r
+                                                           WHERE r.queue = q.name AND r.state = 'running')))
          FOR UPDATE SKIP LOCKED
     )
     UPDATE queue.jobs j
-       SET state = 'running', attempts = j.attempts + 1, started_at = clock_timestamp(),
+       SET state = 'running', attempts = j.attempts + 1, started_at = t0,
            worker_pid = pg_backend_pid(), consumer = claim.consumer, lease = claim.lease,
            lease_expires_at = clock_timestamp() + claim.lease, lease_token = gen_random_uuid()
      WHERE j.id = ANY(ARRAY(SELECT c.id FROM c))     -- by primary key, whatever the LIMIT
     RETURNING j.id, j.payload, j.attempts, j.lease_token, j.lease_expires_at, j.depends_on;
+    IF q.rate_limit IS NOT NULL THEN
+        GET DIAGNOSTICS claimed = ROW_COUNT;
+        PERFORM queue.rate_settle(q.name, claimed);
+    END IF;
 END
 $$;
 COMMENT ON FUNCTION queue.claim(text, text, integer, interval) IS
@@ -160,6 +172,13 @@ DECLARE
     open_queues text[] := '{}';
     name text;
     q queue.queues;
+    t0 timestamptz;
+    -- rate-limited queues among them: what was reserved for each, and what was used
+    rated text[] := '{}';
+    grants integer[] := '{}';
+    used integer[] := '{}';
+    got record;
+    i integer;
 BEGIN
     IF queues IS NULL OR array_position(queues, NULL) IS NOT NULL THEN
         RAISE EXCEPTION 'queues must not be NULL nor contain NULL' USING ERRCODE = 'null_value_not_allowed';
@@ -178,16 +197,23 @@ BEGIN
     FOREACH name IN ARRAY open_queues LOOP
         PERFORM pg_advisory_xact_lock(1885827445, hashtext(name));
     END LOOP;
-    RETURN QUERY
+    t0 := clock_timestamp();
+    FOR q IN SELECT * FROM queue.queues x WHERE x.name = ANY (open_queues) AND x.rate_limit IS NOT NULL LOOP
+        rated := rated || q.name;
+        grants := grants || queue.rate_take(q.name, q.rate_limit, q.rate_window, n);
+        used := used || 0;
+    END LOOP;
+    FOR got IN
     WITH b AS (
-        SELECT x.name, x.concurrency - (SELECT count(*) FROM queue.jobs r
-                                         WHERE r.queue = x.name AND r.state = 'running') AS budget
+        SELECT x.name, least(x.concurrency - (SELECT count(*) FROM queue.jobs r
+                                               WHERE r.queue = x.name AND r.state = 'running'),
+                             coalesce(grants[array_position(rated, x.name)], n)) AS budget
           FROM queue.queues x WHERE x.name = ANY (open_queues)
     ), c AS (
         SELECT k.id FROM b
          CROSS JOIN LATERAL (
             SELECT j.id, j.priority, j.run_at FROM queue.jobs j
-             WHERE j.queue = b.name AND j.state = 'queued' AND j.run_at <= clock_timestamp()
+             WHERE j.queue = b.name AND j.state = 'queued' AND j.run_at <= t0
              ORDER BY j.priority, j.run_at, j.id
              LIMIT greatest(0, least(n, b.budget))
                FOR UPDATE SKIP LOCKED) k
@@ -195,11 +221,24 @@ BEGIN
          LIMIT n
     )
     UPDATE queue.jobs j
-       SET state = 'running', attempts = j.attempts + 1, started_at = clock_timestamp(),
+       SET state = 'running', attempts = j.attempts + 1, started_at = t0,
            worker_pid = pg_backend_pid(), consumer = claim.consumer, lease = claim.lease,
            lease_expires_at = clock_timestamp() + claim.lease, lease_token = gen_random_uuid()
      WHERE j.id = ANY(ARRAY(SELECT c.id FROM c))
-    RETURNING j.id, j.queue, j.payload, j.attempts, j.lease_token, j.lease_expires_at, j.depends_on;
+    RETURNING j.id AS job_id, j.queue AS job_queue, j.payload AS job_payload, j.attempts,
+              j.lease_token AS token, j.lease_expires_at AS expires, j.depends_on AS deps
+    LOOP
+        id := got.job_id; queue := got.job_queue; payload := got.job_payload; attempt := got.attempts;
+        lease_token := got.token; lease_expires_at := got.expires; depends_on := got.deps;
+        RETURN NEXT;
+        i := array_position(rated, got.job_queue);
+        IF i IS NOT NULL THEN
+            used[i] := used[i] + 1;
+        END IF;
+    END LOOP;
+    FOR i IN 1 .. cardinality(rated) LOOP
+        PERFORM queue.rate_settle(rated[i], used[i]);
+    END LOOP;
 END
 $$;
 COMMENT ON FUNCTION queue.claim(text[], text, integer, interval) IS

@@ -23,6 +23,36 @@ BEGIN
 END
 $$;
 
+-- parse_rate_limit: 'N/interval' (N starts per window; a bare unit means 1 of it, as in
+-- '100/minute') into its parts; NULL or 'none' gives NULLs (no limit).
+CREATE FUNCTION queue.parse_rate_limit(spec text, OUT n integer, OUT win interval)
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    m text[] := regexp_match(spec, '^\s*(\d{1,9})\s*/\s*(\S.*?)\s*$');
+BEGIN
+    IF spec IS NULL OR lower(btrim(spec)) = 'none' THEN
+        RETURN;
+    ELSIF m IS NULL THEN
+        RAISE EXCEPTION 'rate_limit must be ''N/interval'' (at most N jobs start per interval), not %', quote_literal(spec)
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'For example ''100/1 minute'' or ''50/second''; ''none'' removes the limit.';
+    END IF;
+    n := m[1]::integer;
+    BEGIN
+        win := CASE WHEN m[2] ~ '^[A-Za-z]+$' THEN ('1 ' || m[2])::interval ELSE m[2]::interval END;
+    EXCEPTION WHEN invalid_datetime_format OR datetime_field_overflow OR interval_field_overflow THEN
+        RAISE EXCEPTION 'rate_limit window % is not an interval', quote_literal(m[2])
+            USING ERRCODE = 'invalid_parameter_value';
+    END;
+    IF n < 1 OR n > 1000000 THEN
+        RAISE EXCEPTION 'rate_limit must allow 1 to 1000000 starts per window, not %', n
+            USING ERRCODE = 'invalid_parameter_value';
+    ELSIF win < interval '10 milliseconds' OR win > interval '1 day' THEN
+        RAISE EXCEPTION 'rate_limit window must be between 10 milliseconds and 1 day, not %', win
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+END
+$$;
+
 -- check_delay: a snooze's delay or a throttle's retry_after (NULL allowed only for the latter).
 CREATE FUNCTION queue.check_delay(what text, delay interval, nullable boolean) RETURNS void
 LANGUAGE plpgsql IMMUTABLE AS $$

@@ -579,7 +579,8 @@ SELECT q.name AS queue, q.paused, q.is_full, q.concurrency,
        round(coalesce(h.last_minute, 0) / 60.0, 1) AS finished_per_second_last_minute,
        -- flow control: a throttle's cool-down in progress, and the streak that set it
        CASE WHEN q.throttled_until > now() THEN q.throttled_until END AS throttled_until,
-       q.throttle_count AS consecutive_throttles
+       q.throttle_count AS consecutive_throttles,
+       q.rate_limit || '/' || q.rate_window AS rate_limit
   FROM queue.queues q
   LEFT JOIN LATERAL (
       SELECT count(*) FILTER (WHERE j.state = 'queued' AND j.run_at <= now()) AS ready,

@@ -149,11 +149,13 @@ CREATE FUNCTION queue.create_queue(
     max_pending_jobs bigint  DEFAULT NULL,
     throttle_base interval DEFAULT '1 second',
     throttle_max  interval DEFAULT '5 minutes',
-    max_snoozes   integer  DEFAULT 100)
+    max_snoozes   integer  DEFAULT 100,
+    rate_limit    text     DEFAULT NULL)
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     handler_sig text;
     owner oid := queue.caller();
+    rate record := queue.parse_rate_limit(create_queue.rate_limit);
 BEGIN
     IF name IS NULL OR name !~ '^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,62}$' THEN
         RAISE EXCEPTION 'invalid queue name: %', coalesce(quote_literal(name), 'NULL')
@@ -180,22 +182,23 @@ BEGIN
                                    backoff_base, backoff_max, retention, paused,
                                    retention_succeeded, retention_failed, retention_cancelled,
                                    search_path, max_payload_size, max_pending_jobs,
-                                   throttle_base, throttle_max, max_snoozes)
+                                   throttle_base, throttle_max, max_snoozes, rate_limit, rate_window)
     VALUES (create_queue.name, handler_sig, create_queue.notify, owner, create_queue.concurrency,
             create_queue.max_attempts, create_queue.timeout, create_queue.backoff_base,
             create_queue.backoff_max, create_queue.retention, coalesce(create_queue.paused, false),
             create_queue.retention_succeeded, create_queue.retention_failed,
             create_queue.retention_cancelled, create_queue.search_path,
             create_queue.max_payload_size, create_queue.max_pending_jobs,
-            create_queue.throttle_base, create_queue.throttle_max, create_queue.max_snoozes)
+            create_queue.throttle_base, create_queue.throttle_max, create_queue.max_snoozes,
+            rate.n, rate.win)
     ON CONFLICT DO NOTHING;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'queue "%" already exists', name USING ERRCODE = 'duplicate_object';
     END IF;
 END
 $$;
-COMMENT ON FUNCTION queue.create_queue(text, regprocedure, boolean, integer, integer, interval, interval, interval, interval, boolean, interval, interval, interval, text, integer, bigint, interval, interval, integer) IS
-    'Creates a queue run by a SQL handler (a procedure or function taking payload jsonb), or a NOTIFY queue for external consumers. The caller owns it; the handler runs as the owner, with search_path pinned. retention: how long finished jobs stay in history (retention_succeeded/failed/cancelled override it per state). max_payload_size, max_pending_jobs: lower limits than the server''s. throttle_base, throttle_max: the cool-down curve after throttles; max_snoozes: snoozes allowed per job.';
+COMMENT ON FUNCTION queue.create_queue(text, regprocedure, boolean, integer, integer, interval, interval, interval, interval, boolean, interval, interval, interval, text, integer, bigint, interval, interval, integer, text) IS
+    'Creates a queue run by a SQL handler (a procedure or function taking payload jsonb), or a NOTIFY queue for external consumers. The caller owns it; the handler runs as the owner, with search_path pinned. retention: how long finished jobs stay in history (retention_succeeded/failed/cancelled override it per state). max_payload_size, max_pending_jobs: lower limits than the server''s. throttle_base, throttle_max: the cool-down curve after throttles; max_snoozes: snoozes allowed per job. rate_limit: ''N/interval'', at most N jobs start per interval.';
 
 -- alter_queue: NULL leaves a setting unchanged.
 CREATE FUNCTION queue.alter_queue(
@@ -215,7 +218,8 @@ CREATE FUNCTION queue.alter_queue(
     max_pending_jobs bigint  DEFAULT NULL,
     throttle_base interval DEFAULT NULL,
     throttle_max  interval DEFAULT NULL,
-    max_snoozes   integer  DEFAULT NULL)
+    max_snoozes   integer  DEFAULT NULL,
+    rate_limit    text     DEFAULT NULL)
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     -- What the handler runs and how is the owner's to change; the rest managers may.
@@ -252,17 +256,21 @@ BEGIN
     q.throttle_max  := coalesce(alter_queue.throttle_max, q.throttle_max);
     q.max_snoozes   := coalesce(alter_queue.max_snoozes, q.max_snoozes);
     PERFORM queue.check_flow_settings(q.throttle_base, q.throttle_max, q.max_snoozes);
+    IF alter_queue.rate_limit IS NOT NULL THEN                  -- 'none' removes the limit
+        SELECT r.n, r.win INTO q.rate_limit, q.rate_window FROM queue.parse_rate_limit(alter_queue.rate_limit) r;
+    END IF;
     UPDATE queue.queues SET handler = q.handler, concurrency = q.concurrency,
            max_attempts = q.max_attempts, timeout = q.timeout, backoff_base = q.backoff_base,
            backoff_max = q.backoff_max, retention = q.retention,
            retention_succeeded = q.retention_succeeded, retention_failed = q.retention_failed,
            retention_cancelled = q.retention_cancelled, search_path = q.search_path,
            max_payload_size = q.max_payload_size, max_pending_jobs = q.max_pending_jobs,
-           throttle_base = q.throttle_base, throttle_max = q.throttle_max, max_snoozes = q.max_snoozes
+           throttle_base = q.throttle_base, throttle_max = q.throttle_max, max_snoozes = q.max_snoozes,
+           rate_limit = q.rate_limit, rate_window = q.rate_window
      WHERE queues.name = q.name;
 END
 $$;
-COMMENT ON FUNCTION queue.alter_queue(text, regprocedure, integer, integer, interval, interval, interval, interval, interval, interval, interval, text, integer, bigint, interval, interval, integer) IS
+COMMENT ON FUNCTION queue.alter_queue(text, regprocedure, integer, integer, interval, interval, interval, interval, interval, interval, interval, text, integer, bigint, interval, interval, integer, text) IS
     'Changes a queue''s settings; NULL arguments leave a setting unchanged. Jobs already enqueued keep their own max_attempts. handler and search_path: owner only; the rest: owner or manage.';
 
 -- drop_queue: refuses while the queue has live jobs, unless force, which cancels them

@@ -69,6 +69,9 @@ CREATE TABLE queue.queues (
     throttle_count integer    NOT NULL DEFAULT 0,
     throttled_until timestamptz,                      -- no job of the queue starts before
     max_snoozes   integer     NOT NULL DEFAULT 100,   -- per job; the next snooze fails the attempt
+    -- At most rate_limit starts per rate_window (src/rate.rs); NULL: no limit.
+    rate_limit    integer,
+    rate_window   interval,
     created_at    timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT queues_name_valid CHECK (name ~ '^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,62}$'),
     CONSTRAINT queues_one_handler CHECK ((handler IS NULL) = notify),
@@ -80,6 +83,8 @@ CREATE TABLE queue.queues (
     CONSTRAINT queues_throttle_valid CHECK (throttle_base > interval '0' AND throttle_max >= throttle_base
         AND throttle_count >= 0),
     CONSTRAINT queues_max_snoozes_valid CHECK (max_snoozes >= 0),
+    CONSTRAINT queues_rate_limit_valid CHECK ((rate_limit IS NULL) = (rate_window IS NULL)
+        AND rate_limit > 0 IS NOT FALSE AND rate_window > interval '0' IS NOT FALSE),
     CONSTRAINT queues_retention_positive CHECK (retention > interval '0'
         AND retention_succeeded > interval '0' IS NOT FALSE AND retention_failed > interval '0' IS NOT FALSE
         AND retention_cancelled > interval '0' IS NOT FALSE)

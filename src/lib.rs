@@ -28,6 +28,7 @@ mod api;
 mod cron;
 mod flow;
 mod gucs;
+mod rate;
 mod security;
 mod shmem;
 mod state;
@@ -70,7 +71,12 @@ extension_sql_file!(
 extension_sql_file!(
     "../sql/flow.sql",
     name = "flow",
-    requires = ["consumers", flow::signal_job]
+    requires = [
+        "consumers",
+        flow::signal_job,
+        rate::rate_take,
+        rate::rate_settle
+    ]
 );
 extension_sql_file!(
     "../sql/schedules.sql",
@@ -92,6 +98,7 @@ pub extern "C-unwind" fn _PG_init() {
     }
     gucs::init_postmaster();
     shmem::init();
+    rate::init();
     worker::launcher::register();
 }
 

@@ -288,8 +288,12 @@ fn run_batch(
         // Idle from before the claim's snapshot: an enqueue committing after it wakes us.
         shmem::set_idle(slot, true);
         report.claimed = claim(client, executor_id, batch, turn)?;
+        let rate_wake = rate_wake_in();
         if report.claimed.is_empty() {
-            report.next_ready_in = next_ready_in(client)?;
+            report.next_ready_in = match (next_ready_in(client)?, rate_wake) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
         } else {
             shmem::set_idle(slot, false);
         }
@@ -619,7 +623,8 @@ SELECT q.name, q.concurrency, q.owner::oid,
             WHEN p.prorettype = 'jsonb'::regtype THEN format('SELECT %I.%I($1::jsonb)::text', n.nspname, p.proname)
             ELSE format('SELECT %I.%I($1::jsonb)', n.nspname, p.proname) END,
        p.prokind = 'f' AND p.prorettype = 'jsonb'::regtype,
-       q.search_path, EXISTS (SELECT 1 FROM pg_authid r WHERE r.oid = q.owner), q.max_snoozes
+       q.search_path, EXISTS (SELECT 1 FROM pg_authid r WHERE r.oid = q.owner), q.max_snoozes,
+       q.rate_limit, (extract(epoch FROM q.rate_window) * 1000000)::int8
   FROM queue.queues q
   LEFT JOIN pg_proc p ON p.oid = to_regprocedure(q.handler)
   LEFT JOIN pg_namespace n ON n.oid = p.pronamespace
@@ -668,6 +673,7 @@ struct ReadyQueue {
     name: String,
     concurrency: i32,
     max_snoozes: i32,
+    rate: Option<crate::rate::Limit>,
     handler: Handler,
     timeout_ms: i32,
 }
@@ -745,6 +751,10 @@ fn ready_queues(client: &mut SpiClient<'_>) -> Result<Vec<ReadyQueue>, SqlError>
         queues.push(ReadyQueue {
             concurrency: row.get::<i32>(2)?.unwrap_or(1),
             max_snoozes: row.get::<i32>(9)?.unwrap_or(0),
+            rate: match (row.get::<i32>(10)?, row.get::<i64>(11)?) {
+                (Some(limit), Some(window_us)) => Some(crate::rate::Limit { limit, window_us }),
+                _ => None,
+            },
             handler: Handler {
                 owner: row.get::<pg_sys::Oid>(3)?.unwrap_or(pg_sys::Oid::INVALID),
                 call,
@@ -758,8 +768,45 @@ fn ready_queues(client: &mut SpiClient<'_>) -> Result<Vec<ReadyQueue>, SqlError>
     Ok(queues)
 }
 
-/// Claims up to `limit` ready jobs of queue `q` (CLAIM_SQL).
+/// Claims up to `limit` ready jobs of queue `q` (CLAIM_SQL), within its rate limit.
 fn claim_from(
+    client: &mut SpiClient<'_>,
+    executor_id: pgrx::Uuid,
+    limit: i32,
+    q: &ReadyQueue,
+) -> Result<VecDeque<Claimed>, SqlError> {
+    let Some(rate) = q.rate else {
+        return claim_rows(client, executor_id, limit, q);
+    };
+    // Reserved after the claim's statement_timestamp (its started_at), given back unused.
+    let grant = crate::rate::take(&q.name, rate, limit)?;
+    if let Some(at) = grant.retry_at_us {
+        RATE_WAKE.set(Some(RATE_WAKE.get().map_or(at, |w: i64| w.min(at))));
+    }
+    if grant.granted == 0 {
+        return Ok(VecDeque::new());
+    }
+    let claimed = claim_rows(client, executor_id, grant.granted, q);
+    let used = claimed.as_ref().map_or(0, |c| c.len() as i32);
+    crate::rate::settle(&q.name, &grant, used);
+    claimed
+}
+
+thread_local! {
+    /// The earliest time (Postgres microseconds) a rate-limited queue that had no budget
+    /// for this claim gets budget back: when the executor wakes next, at the latest.
+    static RATE_WAKE: std::cell::Cell<Option<i64>> = const { std::cell::Cell::new(None) };
+}
+
+/// How long until a rate-limited queue skipped in the last claim gets budget back.
+fn rate_wake_in() -> Option<Duration> {
+    let at = RATE_WAKE.take()?;
+    // SAFETY: reads the clock.
+    let now = unsafe { pg_sys::GetCurrentTimestamp() };
+    Some(Duration::from_micros((at - now).max(1000) as u64))
+}
+
+fn claim_rows(
     client: &mut SpiClient<'_>,
     executor_id: pgrx::Uuid,
     limit: i32,
