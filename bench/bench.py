@@ -201,15 +201,18 @@ class Bench:
         self.sql("SELECT queue.drop_queue('bench_enqueue', force => true)")
         self.sql("TRUNCATE queue.history, floor_jobs")
 
-    def drain(self, queue, n, fan_in=False):
+    def drain(self, queue, n, fan_in=False, keys=None):
         """Enqueues n jobs on the paused queue (with fan_in, and one more that depends on
-        all of them), resumes it, and returns jobs/s from the jobs' own timestamps (first
+        all of them; with keys, spread over that many fair_keys), resumes it, and returns jobs/s from the jobs' own timestamps (first
         claim to last finish)."""
         self.sql("SELECT queue.pause(%s)", (queue,))
         self.sql("""WITH p AS (SELECT array_agg(id) AS ids
-                                FROM queue.enqueue_many(%(q)s, array_fill('{}'::jsonb, ARRAY[%(n)s])) id)
+                                FROM queue.enqueue_many(%(q)s, array_fill('{}'::jsonb, ARRAY[%(n)s]),
+                                                        fair_keys => CASE WHEN %(keys)s::int IS NOT NULL THEN
+                                                            ARRAY(SELECT 'key' || (i %% %(keys)s)
+                                                                    FROM generate_series(1, %(n)s) i) END) id)
                     SELECT CASE WHEN %(fan_in)s THEN queue.enqueue(%(q)s, depends_on => ids) END FROM p""",
-                 {"q": queue, "n": n, "fan_in": fan_in})
+                 {"q": queue, "n": n, "fan_in": fan_in, "keys": keys})
         self.sql("VACUUM ANALYZE queue.jobs")
         wal = self.one("SELECT pg_current_wal_insert_lsn()")
         self.sql("SELECT queue.resume(%s)", (queue,))
@@ -293,6 +296,22 @@ class Bench:
         self.paired(f"drain {n:,} jobs, rate-limited queue, 2 executors", "jobs/s",
                     f"drain {n:,} jobs, 2 executors (same run)",
                     lambda: drain_once("bench_drain"), lambda: drain_once("bench_rated"))
+
+    def fair_run(self):
+        n = self.size["drain"]
+        print(f"drain of a fair_share queue whose {n:,} jobs have 1 000 keys (claims rotate across "
+              "keys), beside a plain drain, 2 executors:")
+        self.set_workers(2)
+        self.sql("SELECT queue.create_queue('bench_fair', 'bench_noop(jsonb)', concurrency => 10000, "
+                 "fair_share => true)")
+
+        def drain_once(queue):
+            rate = self.drain(queue, n, keys=1000 if queue == "bench_fair" else None)
+            self.sql("TRUNCATE queue.history")
+            return rate
+        self.paired(f"drain {n:,} jobs, fair share over 1 000 keys, 2 executors", "jobs/s",
+                    f"drain {n:,} jobs, 2 executors (same run)",
+                    lambda: drain_once("bench_drain"), lambda: drain_once("bench_fair"))
 
     def latency_run(self):
         print("pg_queue idle pickup (enqueue commit to handler start):")
@@ -392,6 +411,7 @@ class Bench:
             self.drain_run()
             self.graph_run()
             self.rate_run()
+            self.fair_run()
             self.latency_run()
             self.history_run()
             self.rss_run()

@@ -118,6 +118,8 @@ DECLARE
     t0 timestamptz;
     budget integer := n;
     claimed integer;
+    got record;
+    keys text[] := '{}';
 BEGIN
     PERFORM queue.check_claim(consumer, n, lease);
     PERFORM queue.seen(consumer);
@@ -131,6 +133,30 @@ BEGIN
     t0 := clock_timestamp();
     IF q.rate_limit IS NOT NULL THEN
         budget := queue.rate_take(q.name, q.rate_limit, q.rate_window, n);
+    END IF;
+    IF q.fair_share THEN                -- rotate across keys (sql/fair.sql)
+        FOR got IN
+        UPDATE queue.jobs j
+           SET state = 'running', attempts = j.attempts + 1, started_at = t0,
+               worker_pid = pg_backend_pid(), consumer = claim.consumer, lease = claim.lease,
+               lease_expires_at = clock_timestamp() + claim.lease, lease_token = gen_random_uuid()
+         WHERE j.id = ANY(ARRAY(SELECT queue.fair_pick(
+                   q.name, least(budget, q.concurrency - (SELECT count(*) FROM queue.jobs r
+                                                          WHERE r.queue = q.name AND r.state = 'running')),
+                   q.key_concurrency, queue.fair_cursor(q.name), t0)))
+        RETURNING j.id AS job_id, j.payload AS job_payload, j.attempts, j.lease_token AS token,
+                  j.lease_expires_at AS expires, j.depends_on AS deps, j.fair_key
+        LOOP
+            id := got.job_id; payload := got.job_payload; attempt := got.attempts;
+            lease_token := got.token; lease_expires_at := got.expires; depends_on := got.deps;
+            keys := keys || got.fair_key;
+            RETURN NEXT;
+        END LOOP;
+        PERFORM queue.fair_advance(q.name, keys);
+        IF q.rate_limit IS NOT NULL THEN
+            PERFORM queue.rate_settle(q.name, cardinality(keys));
+        END IF;
+        RETURN;
     END IF;
     RETURN QUERY
     WITH c AS (
@@ -188,6 +214,11 @@ BEGIN
     END IF;
     FOR name IN SELECT DISTINCT x FROM unnest(queues) x ORDER BY 1 LOOP
         q := queue.claimable(name);
+        IF q.fair_share THEN
+            RAISE EXCEPTION 'queue "%" shares its jobs fairly by key: claim it on its own', q.name
+                USING ERRCODE = 'feature_not_supported',
+                      HINT = 'Use queue.claim(queue, consumer, n, lease) for a fair_share queue.';
+        END IF;
         IF NOT (q.paused OR coalesce(q.throttled_until > clock_timestamp(), false)) THEN
             open_queues := open_queues || q.name;
         END IF;
@@ -294,10 +325,10 @@ BEGIN
         RETURNING j.*)
     INSERT INTO queue.history (id, queue, state, payload, enqueued_by, unique_key, depends_on, on_dependency_failure, priority, run_at, attempts,
                                max_attempts, timeout, created_at, started_at, finished_at, worker_pid,
-                               consumer, result, progress, snoozes, errors)
+                               consumer, result, progress, snoozes, fair_key, errors)
     SELECT d.id, d.queue, 'succeeded', d.payload, d.enqueued_by, d.unique_key, d.depends_on, d.on_dependency_failure, d.priority, d.run_at, d.attempts,
            d.max_attempts, d.timeout, d.created_at, d.started_at, clock_timestamp(), d.worker_pid,
-           d.consumer, complete.result, d.progress, d.snoozes, d.errors
+           d.consumer, complete.result, d.progress, d.snoozes, d.fair_key, d.errors
       FROM d;
     IF NOT FOUND THEN
         RETURN false;
@@ -348,10 +379,10 @@ BEGIN
         WITH d AS (DELETE FROM queue.jobs x WHERE x.id = j.id RETURNING x.*)
         INSERT INTO queue.history (id, queue, state, payload, enqueued_by, unique_key, depends_on, on_dependency_failure, priority, run_at, attempts,
                                    max_attempts, timeout, created_at, started_at, finished_at, worker_pid,
-                                   consumer, progress, snoozes, errors)
+                                   consumer, progress, snoozes, fair_key, errors)
         SELECT d.id, d.queue, 'failed', d.payload, d.enqueued_by, d.unique_key, d.depends_on, d.on_dependency_failure, d.priority, d.run_at, d.attempts,
                d.max_attempts, d.timeout, d.created_at, d.started_at, clock_timestamp(), d.worker_pid,
-               d.consumer, d.progress, d.snoozes, d.errors || failure
+               d.consumer, d.progress, d.snoozes, d.fair_key, d.errors || failure
           FROM d;
     END IF;
     RETURN true;

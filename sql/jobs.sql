@@ -83,7 +83,8 @@ CREATE FUNCTION queue.enqueue(
     unique_key   text        DEFAULT NULL,
     unique_for   interval    DEFAULT NULL,
     depends_on   uuid[]      DEFAULT NULL,
-    on_dependency_failure text DEFAULT NULL)
+    on_dependency_failure text DEFAULT NULL,
+    fair_key     text        DEFAULT NULL)
 RETURNS uuid LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 -- The hot path of every producer: no nested function calls but for the checks that fail
 -- (find_queue and authorize raise the errors) and a grantee's check, everything else inline.
@@ -113,12 +114,14 @@ BEGIN
     IF unique_key IS NOT NULL OR unique_for IS NOT NULL OR depends_on IS NOT NULL
        OR on_dependency_failure IS NOT NULL THEN
         RETURN (queue.insert_job(q, who, payload, run_at, priority, max_attempts, timeout,
-                                 unique_key, unique_for, depends_on, on_dependency_failure)).id;
+                                 unique_key, unique_for, depends_on, on_dependency_failure,
+                                 enqueue.fair_key)).id;
     END IF;
     INSERT INTO queue.jobs (id, queue, state, payload, enqueued_by, priority, run_at, max_attempts,
-                            timeout, created_at)
+                            timeout, created_at, fair_key)
     VALUES (job_id, q.name, 'queued', payload, who, priority, coalesce(run_at, now()),
-            coalesce(max_attempts, q.max_attempts), timeout, now());
+            coalesce(max_attempts, q.max_attempts), timeout, now(),
+            CASE WHEN q.fair_share THEN coalesce(enqueue.fair_key, '') ELSE enqueue.fair_key END);
     IF run_at IS NULL OR run_at <= now() THEN
         IF q.notify THEN
             PERFORM pg_notify(queue.channel(q.name), job_id::text);
@@ -129,8 +132,8 @@ BEGIN
     RETURN job_id;
 END
 $$;
-COMMENT ON FUNCTION queue.enqueue(text, jsonb, timestamptz, integer, integer, interval, text, interval, uuid[], text) IS
-    'Enqueues one job in the caller''s transaction (workers see it at commit) and returns its id. run_at in the future schedules it; lower priority runs first; max_attempts and timeout default to the queue''s. With unique_key: while a job of the queue with that key is live (or succeeded less than unique_for ago), returns its id and adds nothing (queue.enqueue_unique also says which happened). With depends_on: the job waits until those jobs finished; one that failed or was cancelled cancels it, unless on_dependency_failure is ''run''.';
+COMMENT ON FUNCTION queue.enqueue(text, jsonb, timestamptz, integer, integer, interval, text, interval, uuid[], text, text) IS
+    'Enqueues one job in the caller''s transaction (workers see it at commit) and returns its id. run_at in the future schedules it; lower priority runs first; max_attempts and timeout default to the queue''s. With unique_key: while a job of the queue with that key is live (or succeeded less than unique_for ago), returns its id and adds nothing (queue.enqueue_unique also says which happened). With depends_on: the job waits until those jobs finished; one that failed or was cancelled cancels it, unless on_dependency_failure is ''run''. fair_key: the share of a fair_share queue it belongs to (a tenant, a customer).';
 
 -- insert_job: enqueue's path for a job with a unique key or dependencies, once the
 -- caller passed enqueue's checks.
@@ -145,7 +148,7 @@ COMMENT ON FUNCTION queue.enqueue(text, jsonb, timestamptz, integer, integer, in
 CREATE FUNCTION queue.insert_job(
     q queue.queues, who oid, payload jsonb, run_at timestamptz, priority integer,
     max_attempts integer, timeout interval, unique_key text, unique_for interval,
-    depends_on uuid[], on_dependency_failure text,
+    depends_on uuid[], on_dependency_failure text, fair_key text,
     OUT id uuid, OUT created boolean)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
@@ -201,10 +204,11 @@ BEGIN
         END IF;
         INSERT INTO queue.jobs AS j (id, queue, state, payload, enqueued_by, priority, run_at,
                                      max_attempts, timeout, created_at, unique_key, depends_on,
-                                     on_dependency_failure, waiting_for)
+                                     on_dependency_failure, waiting_for, fair_key)
         VALUES (id, q.name, CASE WHEN n_waiting > 0 THEN 'waiting' ELSE 'queued' END::queue.job_state,
                 payload, who, priority, coalesce(run_at, now()), coalesce(max_attempts, q.max_attempts),
-                timeout, now(), unique_key, depends_on, on_dependency_failure, n_waiting)
+                timeout, now(), unique_key, depends_on, on_dependency_failure, n_waiting,
+                CASE WHEN q.fair_share THEN coalesce(insert_job.fair_key, '') ELSE insert_job.fair_key END)
         ON CONFLICT (queue, unique_key) WHERE j.unique_key IS NOT NULL DO NOTHING;
         IF FOUND THEN
             IF unique_for IS NOT NULL THEN
@@ -248,7 +252,8 @@ CREATE FUNCTION queue.enqueue_unique(
     timeout      interval    DEFAULT NULL,
     unique_for   interval    DEFAULT NULL,
     depends_on   uuid[]      DEFAULT NULL,
-    on_dependency_failure text DEFAULT NULL)
+    on_dependency_failure text DEFAULT NULL,
+    fair_key     text        DEFAULT NULL)
 RETURNS TABLE (id uuid, created boolean)
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -266,10 +271,10 @@ BEGIN
     PERFORM queue.check_job_options(priority, max_attempts, timeout);
     RETURN QUERY SELECT u.id, u.created
       FROM queue.insert_job(q, queue.caller(), payload, run_at, priority, max_attempts, timeout,
-                            unique_key, unique_for, depends_on, on_dependency_failure) u;
+                            unique_key, unique_for, depends_on, on_dependency_failure, fair_key) u;
 END
 $$;
-COMMENT ON FUNCTION queue.enqueue_unique(text, text, jsonb, timestamptz, integer, integer, interval, interval, uuid[], text) IS
+COMMENT ON FUNCTION queue.enqueue_unique(text, text, jsonb, timestamptz, integer, integer, interval, interval, uuid[], text, text) IS
     'Enqueues a job unless one of the queue with unique_key is live (or succeeded less than unique_for ago); returns the id of the job that stands for the key and whether this call created it.';
 
 CREATE FUNCTION queue.enqueue_many(
@@ -282,7 +287,8 @@ CREATE FUNCTION queue.enqueue_many(
     unique_keys  text[]      DEFAULT NULL,
     unique_for   interval    DEFAULT NULL,
     depends_on   uuid[]      DEFAULT NULL,
-    on_dependency_failure text DEFAULT NULL)
+    on_dependency_failure text DEFAULT NULL,
+    fair_keys    text[]      DEFAULT NULL)
 RETURNS SETOF uuid LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     q queue.queues := queue.authorize(queue, 'enqueue');
@@ -294,6 +300,10 @@ BEGIN
     END IF;
     PERFORM queue.check_job_options(priority, max_attempts, timeout);
     PERFORM queue.check_capacity(q, payloads);          -- all or nothing
+    IF cardinality(fair_keys) <> cardinality(payloads) THEN
+        RAISE EXCEPTION 'fair_keys has % elements for % payloads', cardinality(fair_keys), cardinality(payloads)
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Give one key (or NULL) per payload.';
+    END IF;
     IF unique_keys IS NOT NULL OR unique_for IS NOT NULL OR depends_on IS NOT NULL
        OR on_dependency_failure IS NOT NULL THEN
         -- Keys or dependencies: job by job, in payload order, through enqueue's own path,
@@ -307,17 +317,17 @@ BEGIN
         FOR i IN 1 .. cardinality(payloads) LOOP
             RETURN NEXT (queue.insert_job(q, who, payloads[i], run_at, priority, max_attempts, timeout,
                                           unique_keys[i], unique_for, depends_on,
-                                          on_dependency_failure)).id;
+                                          on_dependency_failure, fair_keys[i])).id;
         END LOOP;
         RETURN;
     END IF;
     RETURN QUERY
     INSERT INTO queue.jobs (id, queue, state, payload, enqueued_by, priority, run_at, max_attempts,
-                            timeout, created_at)
+                            timeout, created_at, fair_key)
     SELECT queue.uuid_generate_v7(), q.name, 'queued', p.payload, queue.caller(), enqueue_many.priority,
            coalesce(enqueue_many.run_at, now()), coalesce(enqueue_many.max_attempts, q.max_attempts),
-           enqueue_many.timeout, now()
-      FROM unnest(payloads) WITH ORDINALITY AS p(payload, ord)
+           enqueue_many.timeout, now(), CASE WHEN q.fair_share THEN coalesce(p.fkey, '') ELSE p.fkey END
+      FROM unnest(payloads, coalesce(fair_keys, '{}')) WITH ORDINALITY AS p(payload, fkey, ord)
      ORDER BY p.ord
     RETURNING id;
     GET DIAGNOSTICS n = ROW_COUNT;
@@ -326,8 +336,8 @@ BEGIN
     END IF;
 END
 $$;
-COMMENT ON FUNCTION queue.enqueue_many(text, jsonb[], timestamptz, integer, integer, interval, text[], interval, uuid[], text) IS
-    'Enqueues one job per payload in one statement; returns their ids in payload order. unique_keys (one per payload, or NULL), unique_for, depends_on (for every job) and on_dependency_failure work as in enqueue; a key repeated in the call returns the first job''s id again.';
+COMMENT ON FUNCTION queue.enqueue_many(text, jsonb[], timestamptz, integer, integer, interval, text[], interval, uuid[], text, text[]) IS
+    'Enqueues one job per payload in one statement; returns their ids in payload order. unique_keys and fair_keys (one per payload, or NULL), unique_for, depends_on (for every job) and on_dependency_failure work as in enqueue; a key repeated in the call returns the first job''s id again.';
 
 -- progress_entry: what a failed attempt's errors entry adds for its last progress report.
 CREATE FUNCTION queue.progress_entry(progress jsonb) RETURNS jsonb
@@ -414,10 +424,10 @@ BEGIN
                    RETURNING j.*)
         INSERT INTO queue.history (id, queue, state, payload, enqueued_by, unique_key, depends_on, on_dependency_failure, priority, run_at, attempts,
                                    max_attempts, timeout, created_at, started_at, finished_at, worker_pid,
-                                   consumer, progress, snoozes, errors)
+                                   consumer, progress, snoozes, fair_key, errors)
         SELECT d.id, d.queue, 'cancelled', d.payload, d.enqueued_by, d.unique_key, d.depends_on, d.on_dependency_failure, d.priority, d.run_at, d.attempts,
                d.max_attempts, d.timeout, d.created_at, d.started_at, clock_timestamp(), d.worker_pid,
-               d.consumer, d.progress, d.snoozes, d.errors
+               d.consumer, d.progress, d.snoozes, d.fair_key, d.errors
           FROM d;
         IF FOUND THEN
             RETURN true;
@@ -440,13 +450,13 @@ SELECT j.id, j.queue, j.state, j.state = 'queued' AND j.run_at > now() AS schedu
        j.enqueued_by, j.unique_key, j.depends_on, j.waiting_for,
        -- an executor publishes its handler's progress in shared memory, a consumer here
        CASE WHEN j.worker_id IS NULL THEN j.progress ELSE queue.job_progress(j.id, j.worker_id) END
-           AS progress, j.snoozes
+           AS progress, j.snoozes, j.fair_key
   FROM queue.jobs j
 UNION ALL
 SELECT h.id, h.queue, h.state, false, h.attempts, h.max_attempts, h.priority, h.run_at,
        h.created_at, h.started_at, h.finished_at, h.errors -> -1 ->> 'message', h.errors,
        h.result, h.worker_pid, h.consumer, NULL::timestamptz, h.payload, h.enqueued_by,
-       h.unique_key, h.depends_on, 0, h.progress, h.snoozes
+       h.unique_key, h.depends_on, 0, h.progress, h.snoozes, h.fair_key
   FROM queue.history h;
 
 -- job_status: the jobs the current role may see. A security barrier: a function in a
@@ -514,10 +524,11 @@ BEGIN
                RETURNING x.*)
     INSERT INTO queue.jobs (id, queue, state, payload, enqueued_by, unique_key, depends_on,
                             on_dependency_failure, waiting_for, priority, run_at, attempts,
-                            max_attempts, timeout, created_at, errors)
+                            max_attempts, timeout, created_at, errors, fair_key)
     SELECT d.id, d.queue, CASE WHEN waiting > 0 THEN 'waiting' ELSE 'queued' END::queue.job_state,
            d.payload, d.enqueued_by, d.unique_key, d.depends_on, d.on_dependency_failure, waiting,
-           d.priority, now(), 0, d.max_attempts, d.timeout, d.created_at, d.errors
+           d.priority, now(), 0, d.max_attempts, d.timeout, d.created_at, d.errors,
+           CASE WHEN q.fair_share THEN coalesce(d.fair_key, '') ELSE d.fair_key END
       FROM d;
     GET DIAGNOSTICS n = ROW_COUNT;
     IF n > 0 AND waiting = 0 THEN
@@ -580,7 +591,8 @@ SELECT q.name AS queue, q.paused, q.is_full, q.concurrency,
        -- flow control: a throttle's cool-down in progress, and the streak that set it
        CASE WHEN q.throttled_until > now() THEN q.throttled_until END AS throttled_until,
        q.throttle_count AS consecutive_throttles,
-       q.rate_limit || '/' || q.rate_window AS rate_limit
+       q.rate_limit || '/' || q.rate_window AS rate_limit,
+       q.fair_share, q.key_concurrency
   FROM queue.queues q
   LEFT JOIN LATERAL (
       SELECT count(*) FILTER (WHERE j.state = 'queued' AND j.run_at <= now()) AS ready,

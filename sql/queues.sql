@@ -150,7 +150,9 @@ CREATE FUNCTION queue.create_queue(
     throttle_base interval DEFAULT '1 second',
     throttle_max  interval DEFAULT '5 minutes',
     max_snoozes   integer  DEFAULT 100,
-    rate_limit    text     DEFAULT NULL)
+    rate_limit    text     DEFAULT NULL,
+    fair_share    boolean  DEFAULT false,
+    key_concurrency integer DEFAULT NULL)
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     handler_sig text;
@@ -178,11 +180,13 @@ BEGIN
     PERFORM queue.check_limits(create_queue.max_payload_size, create_queue.max_pending_jobs);
     PERFORM queue.check_flow_settings(create_queue.throttle_base, create_queue.throttle_max,
                                       create_queue.max_snoozes);
+    PERFORM queue.check_fair_settings(coalesce(create_queue.fair_share, false), create_queue.key_concurrency);
     INSERT INTO queue.queues AS q (name, handler, notify, owner, concurrency, max_attempts, timeout,
                                    backoff_base, backoff_max, retention, paused,
                                    retention_succeeded, retention_failed, retention_cancelled,
                                    search_path, max_payload_size, max_pending_jobs,
-                                   throttle_base, throttle_max, max_snoozes, rate_limit, rate_window)
+                                   throttle_base, throttle_max, max_snoozes, rate_limit, rate_window,
+                                   fair_share, key_concurrency)
     VALUES (create_queue.name, handler_sig, create_queue.notify, owner, create_queue.concurrency,
             create_queue.max_attempts, create_queue.timeout, create_queue.backoff_base,
             create_queue.backoff_max, create_queue.retention, coalesce(create_queue.paused, false),
@@ -190,15 +194,15 @@ BEGIN
             create_queue.retention_cancelled, create_queue.search_path,
             create_queue.max_payload_size, create_queue.max_pending_jobs,
             create_queue.throttle_base, create_queue.throttle_max, create_queue.max_snoozes,
-            rate.n, rate.win)
+            rate.n, rate.win, coalesce(create_queue.fair_share, false), create_queue.key_concurrency)
     ON CONFLICT DO NOTHING;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'queue "%" already exists', name USING ERRCODE = 'duplicate_object';
     END IF;
 END
 $$;
-COMMENT ON FUNCTION queue.create_queue(text, regprocedure, boolean, integer, integer, interval, interval, interval, interval, boolean, interval, interval, interval, text, integer, bigint, interval, interval, integer, text) IS
-    'Creates a queue run by a SQL handler (a procedure or function taking payload jsonb), or a NOTIFY queue for external consumers. The caller owns it; the handler runs as the owner, with search_path pinned. retention: how long finished jobs stay in history (retention_succeeded/failed/cancelled override it per state). max_payload_size, max_pending_jobs: lower limits than the server''s. throttle_base, throttle_max: the cool-down curve after throttles; max_snoozes: snoozes allowed per job. rate_limit: ''N/interval'', at most N jobs start per interval.';
+COMMENT ON FUNCTION queue.create_queue(text, regprocedure, boolean, integer, integer, interval, interval, interval, interval, boolean, interval, interval, interval, text, integer, bigint, interval, interval, integer, text, boolean, integer) IS
+    'Creates a queue run by a SQL handler (a procedure or function taking payload jsonb), or a NOTIFY queue for external consumers. The caller owns it; the handler runs as the owner, with search_path pinned. retention: how long finished jobs stay in history (retention_succeeded/failed/cancelled override it per state). max_payload_size, max_pending_jobs: lower limits than the server''s. throttle_base, throttle_max: the cool-down curve after throttles; max_snoozes: snoozes allowed per job. rate_limit: ''N/interval'', at most N jobs start per interval. fair_share: claims rotate across the jobs'' fair_keys; key_concurrency: running jobs per key.';
 
 -- alter_queue: NULL leaves a setting unchanged.
 CREATE FUNCTION queue.alter_queue(
@@ -219,7 +223,9 @@ CREATE FUNCTION queue.alter_queue(
     throttle_base interval DEFAULT NULL,
     throttle_max  interval DEFAULT NULL,
     max_snoozes   integer  DEFAULT NULL,
-    rate_limit    text     DEFAULT NULL)
+    rate_limit    text     DEFAULT NULL,
+    fair_share    boolean  DEFAULT NULL,
+    key_concurrency integer DEFAULT NULL)
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     -- What the handler runs and how is the owner's to change; the rest managers may.
@@ -259,6 +265,18 @@ BEGIN
     IF alter_queue.rate_limit IS NOT NULL THEN                  -- 'none' removes the limit
         SELECT r.n, r.win INTO q.rate_limit, q.rate_window FROM queue.parse_rate_limit(alter_queue.rate_limit) r;
     END IF;
+    IF alter_queue.fair_share IS NOT NULL THEN
+        IF alter_queue.fair_share AND NOT q.fair_share THEN
+            -- Fair claims see only jobs with a key: the live ones get the '' share.
+            UPDATE queue.jobs j SET fair_key = '' WHERE j.queue = q.name AND j.fair_key IS NULL;
+        END IF;
+        q.fair_share := alter_queue.fair_share;
+        q.key_concurrency := CASE WHEN q.fair_share THEN q.key_concurrency END;
+    END IF;
+    IF alter_queue.key_concurrency IS NOT NULL THEN             -- 0 removes the cap
+        q.key_concurrency := nullif(alter_queue.key_concurrency, 0);
+    END IF;
+    PERFORM queue.check_fair_settings(q.fair_share, q.key_concurrency);
     UPDATE queue.queues SET handler = q.handler, concurrency = q.concurrency,
            max_attempts = q.max_attempts, timeout = q.timeout, backoff_base = q.backoff_base,
            backoff_max = q.backoff_max, retention = q.retention,
@@ -266,11 +284,12 @@ BEGIN
            retention_cancelled = q.retention_cancelled, search_path = q.search_path,
            max_payload_size = q.max_payload_size, max_pending_jobs = q.max_pending_jobs,
            throttle_base = q.throttle_base, throttle_max = q.throttle_max, max_snoozes = q.max_snoozes,
-           rate_limit = q.rate_limit, rate_window = q.rate_window
+           rate_limit = q.rate_limit, rate_window = q.rate_window,
+           fair_share = q.fair_share, key_concurrency = q.key_concurrency
      WHERE queues.name = q.name;
 END
 $$;
-COMMENT ON FUNCTION queue.alter_queue(text, regprocedure, integer, integer, interval, interval, interval, interval, interval, interval, interval, text, integer, bigint, interval, interval, integer, text) IS
+COMMENT ON FUNCTION queue.alter_queue(text, regprocedure, integer, integer, interval, interval, interval, interval, interval, interval, interval, text, integer, bigint, interval, interval, integer, text, boolean, integer) IS
     'Changes a queue''s settings; NULL arguments leave a setting unchanged. Jobs already enqueued keep their own max_attempts. handler and search_path: owner only; the rest: owner or manage.';
 
 -- drop_queue: refuses while the queue has live jobs, unless force, which cancels them
@@ -300,9 +319,9 @@ BEGIN
     WITH d AS (DELETE FROM queue.jobs WHERE jobs.queue = q.name RETURNING *)
     INSERT INTO queue.history (id, queue, state, payload, enqueued_by, unique_key, depends_on, on_dependency_failure, priority, run_at, attempts,
                                max_attempts, timeout, created_at, started_at, finished_at, worker_pid,
-                               consumer, progress, snoozes, errors)
+                               consumer, progress, snoozes, fair_key, errors)
     SELECT id, queue, 'cancelled', payload, enqueued_by, unique_key, depends_on, on_dependency_failure, priority, run_at, attempts, max_attempts,
-           timeout, created_at, started_at, clock_timestamp(), worker_pid, consumer, progress, snoozes,
+           timeout, created_at, started_at, clock_timestamp(), worker_pid, consumer, progress, snoozes, fair_key,
            errors || jsonb_build_object('attempt', attempts, 'at', clock_timestamp(),
                                         'message', 'queue dropped')
       FROM d;

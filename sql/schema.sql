@@ -72,6 +72,10 @@ CREATE TABLE queue.queues (
     -- At most rate_limit starts per rate_window (src/rate.rs); NULL: no limit.
     rate_limit    integer,
     rate_window   interval,
+    -- Fair share (sql/fair.sql): claims rotate across the jobs' fair_keys, at most
+    -- key_concurrency running per key.
+    fair_share    boolean     NOT NULL DEFAULT false,
+    key_concurrency integer,
     created_at    timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT queues_name_valid CHECK (name ~ '^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,62}$'),
     CONSTRAINT queues_one_handler CHECK ((handler IS NULL) = notify),
@@ -83,6 +87,8 @@ CREATE TABLE queue.queues (
     CONSTRAINT queues_throttle_valid CHECK (throttle_base > interval '0' AND throttle_max >= throttle_base
         AND throttle_count >= 0),
     CONSTRAINT queues_max_snoozes_valid CHECK (max_snoozes >= 0),
+    CONSTRAINT queues_key_concurrency_valid CHECK (key_concurrency > 0 IS NOT FALSE
+        AND (key_concurrency IS NULL OR fair_share)),
     CONSTRAINT queues_rate_limit_valid CHECK ((rate_limit IS NULL) = (rate_window IS NULL)
         AND rate_limit > 0 IS NOT FALSE AND rate_window > interval '0' IS NOT FALSE),
     CONSTRAINT queues_retention_positive CHECK (retention > interval '0'
@@ -118,6 +124,7 @@ CREATE TABLE queue.jobs (
     waiting_for       integer     NOT NULL DEFAULT 0,   -- how many of depends_on have not finished
     progress          jsonb,                            -- a consumer's last heartbeat(progress) this attempt
     snoozes           integer     NOT NULL DEFAULT 0,   -- times it was snoozed (attempts not counted)
+    fair_key          text,                             -- its share of a fair_share queue ('' for none there)
     CONSTRAINT jobs_live_state CHECK (state IN ('waiting', 'queued', 'running')),
     CONSTRAINT jobs_waiting_for_dependencies CHECK ((state = 'waiting') = (waiting_for > 0)),
     CONSTRAINT jobs_dependency_failure_valid CHECK (on_dependency_failure IN ('cancel', 'run')),
@@ -145,6 +152,13 @@ CREATE INDEX jobs_running_idx ON queue.jobs (queue) WHERE state = 'running';
 -- Unique keys: every row of queue.jobs is live, so this index is the whole guarantee
 -- (enqueue inserts with ON CONFLICT DO NOTHING; no check-then-insert race).
 CREATE UNIQUE INDEX jobs_unique_key_idx ON queue.jobs (queue, unique_key) WHERE unique_key IS NOT NULL;
+-- Fair share: a claim walks the keys with queued jobs (one descent per key, never the
+-- backlog), then takes each key's first jobs; running jobs are counted per key. Jobs of
+-- other queues (fair_key NULL) are in neither index.
+CREATE INDEX jobs_fair_idx ON queue.jobs (queue, fair_key, priority, run_at, id)
+    WHERE state = 'queued' AND fair_key IS NOT NULL;
+CREATE INDEX jobs_fair_running_idx ON queue.jobs (queue, fair_key)
+    WHERE state = 'running' AND fair_key IS NOT NULL;
 
 -- history: terminal jobs, insert-only. A job reaches a terminal state in one statement:
 -- WITH d AS (DELETE FROM queue.jobs ... RETURNING *) INSERT INTO queue.history ...
@@ -171,6 +185,7 @@ CREATE TABLE queue.history (
     on_dependency_failure text,
     progress      jsonb,                                -- the last attempt's last progress report
     snoozes       integer     NOT NULL DEFAULT 0,
+    fair_key      text,
     CONSTRAINT history_terminal_state CHECK (state IN ('succeeded', 'failed', 'cancelled')),
     CONSTRAINT history_attempts_in_range CHECK (attempts >= 0 AND attempts <= max_attempts),
     CONSTRAINT history_finished_after_created CHECK (finished_at >= created_at)

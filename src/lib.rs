@@ -26,6 +26,7 @@ use pgrx::prelude::*;
 
 mod api;
 mod cron;
+mod fair;
 mod flow;
 mod gucs;
 mod rate;
@@ -67,6 +68,11 @@ extension_sql_file!(
     "../sql/consumers.sql",
     name = "consumers",
     requires = ["jobs", api::executors, api::check_progress]
+);
+extension_sql_file!(
+    "../sql/fair.sql",
+    name = "fair",
+    requires = ["jobs", fair::fair_cursor, fair::fair_advance]
 );
 extension_sql_file!(
     "../sql/flow.sql",

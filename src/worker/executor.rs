@@ -531,9 +531,9 @@ WITH o AS (
 ), moved AS (
     INSERT INTO queue.history (id, queue, state, payload, enqueued_by, unique_key, depends_on, on_dependency_failure, priority, run_at, attempts,
                                max_attempts, timeout, created_at, started_at, finished_at, worker_pid,
-                               result, progress, snoozes, errors)
+                               result, progress, snoozes, fair_key, errors)
     SELECT id, queue, new_state, payload, enqueued_by, unique_key, depends_on, on_dependency_failure, priority, run_at, attempts, max_attempts, timeout,
-           created_at, started_at, clock_timestamp(), worker_pid, new_result, new_progress, snoozes,
+           created_at, started_at, clock_timestamp(), worker_pid, new_result, new_progress, snoozes, fair_key,
            CASE WHEN new_error IS NULL THEN errors
                 ELSE errors || (new_error || jsonb_build_object('at', clock_timestamp())) END
       FROM finished
@@ -624,7 +624,8 @@ SELECT q.name, q.concurrency, q.owner::oid,
             ELSE format('SELECT %I.%I($1::jsonb)', n.nspname, p.proname) END,
        p.prokind = 'f' AND p.prorettype = 'jsonb'::regtype,
        q.search_path, EXISTS (SELECT 1 FROM pg_authid r WHERE r.oid = q.owner), q.max_snoozes,
-       q.rate_limit, (extract(epoch FROM q.rate_window) * 1000000)::int8
+       q.rate_limit, (extract(epoch FROM q.rate_window) * 1000000)::int8, q.fair_share,
+       q.key_concurrency
   FROM queue.queues q
   LEFT JOIN pg_proc p ON p.oid = to_regprocedure(q.handler)
   LEFT JOIN pg_namespace n ON n.oid = p.pronamespace
@@ -658,6 +659,20 @@ UPDATE queue.jobs j
 RETURNING j.id, j.lease_token, j.attempts, j.max_attempts, j.payload::text,
           (extract(epoch FROM j.timeout) * 1000)::int4, j.depends_on, j.snoozes";
 
+/// CLAIM_SQL for a fair_share queue: the jobs come from queue.fair_pick (sql/fair.sql),
+/// which rotates across keys from this executor's cursor ($7) within the per-key cap ($6).
+const CLAIM_FAIR_SQL: &str = "
+UPDATE queue.jobs j
+   SET state = 'running', attempts = j.attempts + 1, started_at = statement_timestamp(),
+       worker_pid = pg_backend_pid(), worker_id = $4, lease_token = gen_random_uuid()
+ WHERE j.id = ANY(ARRAY(SELECT queue.fair_pick(
+           $1, CASE WHEN $3 >= $5 THEN $2
+                    ELSE greatest(0, least($2, $3 - (SELECT count(*) FROM queue.jobs
+                                                      WHERE queue = $1 AND state = 'running'))) END,
+           $6, $7, statement_timestamp())))
+RETURNING j.id, j.lease_token, j.attempts, j.max_attempts, j.payload::text,
+          (extract(epoch FROM j.timeout) * 1000)::int4, j.depends_on, j.snoozes, j.fair_key";
+
 /// A concurrency limit this high is never reached by executors: each holds at most one
 /// batch (64 executors x 64 jobs), and as many may still be held by dead ones until reaped.
 /// Such a queue's claims skip the claim lock and the running count: executors claiming from
@@ -674,6 +689,9 @@ struct ReadyQueue {
     concurrency: i32,
     max_snoozes: i32,
     rate: Option<crate::rate::Limit>,
+    /// fair_share (claims rotate across keys) and its per-key cap.
+    fair: bool,
+    key_concurrency: Option<i32>,
     handler: Handler,
     timeout_ms: i32,
 }
@@ -755,6 +773,8 @@ fn ready_queues(client: &mut SpiClient<'_>) -> Result<Vec<ReadyQueue>, SqlError>
                 (Some(limit), Some(window_us)) => Some(crate::rate::Limit { limit, window_us }),
                 _ => None,
             },
+            fair: row.get::<bool>(12)?.unwrap_or(false),
+            key_concurrency: row.get::<i32>(13)?,
             handler: Handler {
                 owner: row.get::<pg_sys::Oid>(3)?.unwrap_or(pg_sys::Oid::INVALID),
                 call,
@@ -812,7 +832,8 @@ fn claim_rows(
     limit: i32,
     q: &ReadyQueue,
 ) -> Result<VecDeque<Claimed>, SqlError> {
-    if q.concurrency < UNLIMITED {
+    // A per-key cap is counted like the queue's: under the claim lock.
+    if q.concurrency < UNLIMITED || q.key_concurrency.is_some() {
         let lock = kept(
             client,
             "SELECT pg_advisory_xact_lock($1, hashtext($2))",
@@ -824,30 +845,37 @@ fn claim_rows(
             &[ADVISORY_LOCK_SPACE.into(), q.name.as_str().into()],
         )?;
     }
+    let mut types = vec![
+        BuiltIn(TEXTOID),
+        BuiltIn(INT4OID),
+        BuiltIn(INT4OID),
+        BuiltIn(UUIDOID),
+        BuiltIn(INT4OID),
+    ];
+    let mut args = vec![
+        q.name.as_str().into(),
+        limit.into(),
+        q.concurrency.into(),
+        executor_id.into(),
+        UNLIMITED.into(),
+    ];
+    let cursor = crate::fair::cursor(&q.name);
+    if q.fair {
+        types.extend([BuiltIn(INT4OID), BuiltIn(TEXTOID)]);
+        args.extend([q.key_concurrency.into(), cursor.as_str().into()]);
+    }
     let plan = kept(
         client,
-        CLAIM_SQL,
-        &[
-            BuiltIn(TEXTOID),
-            BuiltIn(INT4OID),
-            BuiltIn(INT4OID),
-            BuiltIn(UUIDOID),
-            BuiltIn(INT4OID),
-        ],
+        if q.fair { CLAIM_FAIR_SQL } else { CLAIM_SQL },
+        &types,
     )?;
-    let rows = client.update(
-        &*plan,
-        None,
-        &[
-            q.name.as_str().into(),
-            limit.into(),
-            q.concurrency.into(),
-            executor_id.into(),
-            UNLIMITED.into(),
-        ],
-    )?;
+    let rows = client.update(&*plan, None, &args)?;
     let mut claimed = VecDeque::with_capacity(rows.len());
+    let mut keys = Vec::new();
     for row in rows {
+        if q.fair {
+            keys.extend(row.get::<String>(9)?);
+        }
         let (Some(id), Some(lease_token)) = (row.get::<pgrx::Uuid>(1)?, row.get::<pgrx::Uuid>(2)?)
         else {
             continue;
@@ -865,6 +893,9 @@ fn claim_rows(
             max_snoozes: q.max_snoozes,
             handler: q.handler.clone(),
         });
+    }
+    if q.fair {
+        crate::fair::advance(&q.name, &keys);
     }
     Ok(claimed)
 }

@@ -52,9 +52,9 @@ WITH dead AS (
 ), history AS (
     INSERT INTO queue.history (id, queue, state, payload, enqueued_by, unique_key, depends_on, on_dependency_failure, priority, run_at, attempts,
                                max_attempts, timeout, created_at, started_at, finished_at, worker_pid,
-                               consumer, progress, snoozes, errors)
+                               consumer, progress, snoozes, fair_key, errors)
     SELECT id, queue, 'failed', payload, enqueued_by, unique_key, depends_on, on_dependency_failure, priority, run_at, attempts, max_attempts, timeout,
-           created_at, started_at, clock_timestamp(), worker_pid, consumer, progress, snoozes,
+           created_at, started_at, clock_timestamp(), worker_pid, consumer, progress, snoozes, fair_key,
            errors || (jsonb_build_object('attempt', attempts, 'at', clock_timestamp(),
                                          'sqlstate', 'XX000', 'message', message,
                                          'worker_pid', worker_pid)
