@@ -294,7 +294,7 @@ class Bench:
             self.sql("TRUNCATE queue.history")
             return rate
         self.paired(f"drain {n:,} jobs, rate-limited queue, 2 executors", "jobs/s",
-                    f"drain {n:,} jobs, 2 executors (same run)",
+                    f"drain {n:,} jobs, 2 executors (beside the rate-limited queue)",
                     lambda: drain_once("bench_drain"), lambda: drain_once("bench_rated"))
 
     def fair_run(self):
@@ -310,7 +310,7 @@ class Bench:
             self.sql("TRUNCATE queue.history")
             return rate
         self.paired(f"drain {n:,} jobs, fair share over 1 000 keys, 2 executors", "jobs/s",
-                    f"drain {n:,} jobs, 2 executors (same run)",
+                    f"drain {n:,} jobs, 2 executors (beside the fair-share queue)",
                     lambda: drain_once("bench_drain"), lambda: drain_once("bench_fair"))
 
     def latency_run(self):

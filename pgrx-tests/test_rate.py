@@ -132,3 +132,19 @@ def test_multi_queue_claim_keeps_each_queues_limit_and_gives_back_the_rest(db, n
     # a reserved 15 and used none: all of its 10 are still there, and no more.
     assert scalar(db, "SELECT count(*) FROM queue.claim(%s, 'm', 15)", (a,)) == 10
     assert scalar(db, "SELECT count(*) FROM queue.claim(ARRAY[%s, %s], 'm', 10)", (a, b)) == 5
+
+
+def test_only_the_owner_or_a_manager_changes_flow_settings(cluster, db, name):
+    db.execute(f"CREATE ROLE {name}_app LOGIN")
+    db.execute(f"GRANT USAGE ON SCHEMA queue TO {name}_app")
+    db.execute("SELECT queue.create_queue(%s, notify => true)", (name,))
+    db.execute("SELECT queue.grant(%s, %s, '{enqueue,consume}')", (name, f"{name}_app"))
+    with cluster.connect(user=f"{name}_app") as app:
+        for setting in ("rate_limit => '1/second'", "throttle_max => '1 minute'", "max_snoozes => 1",
+                        "fair_share => true"):
+            assert sqlstate(app, f"SELECT queue.alter_queue(%s, {setting})", (name,)) == "42501", setting
+    db.execute("SELECT queue.grant(%s, %s, '{manage}')", (name, f"{name}_app"))
+    with cluster.connect(user=f"{name}_app") as app:
+        app.execute("SELECT queue.alter_queue(%s, rate_limit => '1/second', fair_share => true)", (name,))
+    assert db.execute("SELECT rate_limit, fair_share FROM queue.stats WHERE queue = %s",
+                      (name,)).fetchone() == ("1/00:00:01", True)
