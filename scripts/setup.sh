@@ -40,11 +40,12 @@ if ! grep -qs "pg15 = \"$PG_CONFIG\"" "${PGRX_HOME:-$HOME/.pgrx}/config.toml"; t
 fi
 
 # Python for the real-cluster suite and the demo, in a venv outside the repo; pgspot checks
-# the install script for search_path hazards (pgrx-tests/test_install_script.py).
+# the install script for search_path hazards (pgrx-tests/test_install_script.py); croniter
+# is an independent cron implementation the DST tests compare with (test_cron_dst.py).
 VENV=${PG_QUEUE_VENV:-$HOME/.cache/pg_queue/venv}
 if [ ! -x "$VENV/bin/pytest" ] || [ ! -x "$VENV/bin/pgspot" ] \
-        || ! "$VENV/bin/python" -c "import psycopg" 2>/dev/null; then
-    echo "setup: creating Python venv $VENV (psycopg, pytest, pgspot)"
+        || ! "$VENV/bin/python" -c "import psycopg, croniter" 2>/dev/null; then
+    echo "setup: creating Python venv $VENV (psycopg, pytest, pgspot, croniter)"
     python3 -m venv "$VENV"
-    "$VENV/bin/pip" install -q "psycopg[binary]>=3.1,<4" "pytest>=7,<9" "pgspot==0.9.4"
+    "$VENV/bin/pip" install -q "psycopg[binary]>=3.1,<4" "pytest>=7,<9" "pgspot==0.9.4" "croniter==7.0.0"
 fi

@@ -6,11 +6,16 @@
 //! (`10s`, `5m`, `1h30m`, `2d`), whose plan times are multiples of the duration since the
 //! Unix epoch, so they do not drift and are the same after a restart.
 //!
-//! Parsing and matching are croner's (POSIX/Vixie semantics, DST-aware: a wall-clock time
-//! skipped by spring-forward runs at the next valid time, one repeated by fall-back runs
-//! once); time zones are chrono-tz's IANA database. Plan times are UTC instants.
+//! Parsing and matching are croner's; time zones are chrono-tz's IANA database. Plan times
+//! are UTC instants. Across DST, as croniter (and, in spirit, Vixie cron) does: plan times
+//! of a schedule at set hours that fall in the wall-clock hour a spring-forward skips run
+//! once, at the end of the gap (02:15 and 02:30 in Europe/Paris on the last Sunday of
+//! March both run at 03:00+02); croner drops some of them, so `next_after` and `latest_at`
+//! add them (`Gap`). A wall-clock time that happens twice at fall-back runs once, the
+//! first time. A schedule that runs every hour just goes on by the clock: nothing is
+//! caught up at spring-forward, and the repeated hour runs again at fall-back.
 
-use chrono::{DateTime, Duration, TimeZone, Utc};
+use chrono::{DateTime, Duration, NaiveDateTime, Offset, TimeZone, Utc};
 use chrono_tz::Tz;
 use croner::parser::{CronParser, Seconds, Year};
 use croner::Cron;
@@ -53,10 +58,26 @@ impl Plan {
                 let secs = after.timestamp().div_euclid(*step) * step + step;
                 Utc.timestamp_opt(secs, 0).single()
             }
-            Plan::Cron(c) => c
-                .find_next_occurrence(&after.with_timezone(&tz), false)
-                .ok()
-                .map(|t| t.with_timezone(&Utc)),
+            Plan::Cron(c) => {
+                // A set-hour schedule runs a repeated wall-clock time once: skip the second.
+                let mut from = after;
+                let next = loop {
+                    let n = c
+                        .find_next_occurrence(&from.with_timezone(&tz), false)
+                        .ok()
+                        .map(|t| t.with_timezone(&Utc));
+                    match n {
+                        Some(t) if !every_hour(c) && second_pass(tz, t) => from = t,
+                        n => break n,
+                    }
+                };
+                // The first DST gap before it that holds a plan time runs first.
+                let until = next.unwrap_or(after + Duration::days(366));
+                gaps(tz, after, until)
+                    .find(|g| !every_hour(c) && g.holds_plan(c))
+                    .map(|g| g.end)
+                    .or(next)
+            }
         }
     }
 
@@ -66,10 +87,28 @@ impl Plan {
             Plan::Every(step) => Utc
                 .timestamp_opt(at.timestamp().div_euclid(*step) * step, 0)
                 .single(),
-            Plan::Cron(c) => c
-                .find_previous_occurrence(&at.with_timezone(&tz), true)
-                .ok()
-                .map(|t| t.with_timezone(&Utc)),
+            Plan::Cron(c) => {
+                let mut upto = at;
+                let prev = loop {
+                    let p = c
+                        .find_previous_occurrence(&upto.with_timezone(&tz), true)
+                        .ok()
+                        .map(|t| t.with_timezone(&Utc));
+                    match p {
+                        Some(t) if !every_hour(c) && second_pass(tz, t) => {
+                            upto = t - Duration::seconds(1)
+                        }
+                        p => break p,
+                    }
+                };
+                // A later DST gap holding a plan time ran at its end.
+                let since = prev.unwrap_or(at - Duration::days(366));
+                gaps(tz, since, at)
+                    .filter(|g| !every_hour(c) && g.holds_plan(c) && g.end <= at)
+                    .last()
+                    .map(|g| g.end)
+                    .or(prev)
+            }
         }
     }
 
@@ -107,6 +146,81 @@ impl Plan {
         }
         plans
     }
+}
+
+/// A wall-clock span that a spring-forward skips in some zone: local times from `from`
+/// (inclusive) to `to` (exclusive) do not exist; `end` is the instant the clocks jump.
+struct Gap {
+    end: DateTime<Utc>,
+    from: NaiveDateTime,
+    to: NaiveDateTime,
+}
+
+impl Gap {
+    /// Whether the expression names a wall-clock time inside the gap.
+    fn holds_plan(&self, c: &Cron) -> bool {
+        // Matching naive local times: evaluate in UTC, where every wall-clock time exists.
+        let start = Utc.from_utc_datetime(&(self.from - Duration::seconds(1)));
+        c.find_next_occurrence(&start, false)
+            .is_ok_and(|t| t.naive_utc() < self.to)
+    }
+}
+
+/// Whether the hour field allows every hour (`*`, `*/1`, `0-23`): such schedules are not
+/// caught up after a spring-forward, as in croniter and Vixie cron.
+fn every_hour(c: &Cron) -> bool {
+    // Bit 1 is croner's ALL_BIT: the hour is in the field.
+    (0..24).all(|h| c.pattern.hours.is_bit_set(h, 1).unwrap_or(false))
+}
+
+/// Whether `t` is the second of two instants with the same wall-clock time (fall-back).
+fn second_pass(tz: Tz, t: DateTime<Utc>) -> bool {
+    let wall = t.with_timezone(&tz).naive_local();
+    matches!(tz.from_local_datetime(&wall), chrono::LocalResult::Ambiguous(_, later) if later == t)
+}
+
+fn offset_secs(tz: Tz, t: DateTime<Utc>) -> i32 {
+    tz.offset_from_utc_datetime(&t.naive_utc())
+        .fix()
+        .local_minus_utc()
+}
+
+/// The spring-forward gaps of `tz` whose jump is in (`after`, `until`], in order. Offsets
+/// are compared a day apart and a change is then found to the second by bisection (no
+/// zone changes its offset twice within a day).
+fn gaps(tz: Tz, after: DateTime<Utc>, until: DateTime<Utc>) -> impl Iterator<Item = Gap> {
+    let mut t = after;
+    std::iter::from_fn(move || {
+        while t < until {
+            let step = (t + Duration::days(1)).min(until);
+            let (before, later) = (offset_secs(tz, t), offset_secs(tz, step));
+            if before == later {
+                t = step;
+                continue;
+            }
+            // The first whole second whose offset is `later` (zones jump on whole seconds).
+            let at = |secs: i64| Utc.timestamp_opt(secs, 0).single().unwrap_or(step);
+            let (mut lo, mut hi) = (t.timestamp(), step.timestamp() + 1);
+            while hi - lo > 1 {
+                let mid = lo + (hi - lo) / 2;
+                if offset_secs(tz, at(mid)) == before {
+                    lo = mid;
+                } else {
+                    hi = mid;
+                }
+            }
+            let hi = at(hi);
+            t = hi;
+            if later > before {
+                return Some(Gap {
+                    end: hi,
+                    from: hi.naive_utc() + Duration::seconds(before as i64),
+                    to: hi.naive_utc() + Duration::seconds(later as i64),
+                });
+            }
+        }
+        None
+    })
 }
 
 /// An IANA time zone name ("UTC", "Europe/Paris").
@@ -325,6 +439,32 @@ mod unit_tests {
             10,
         );
         assert_eq!(plans.len(), 1, "{plans:?}");
+        // A plan skipped by spring-forward among others (issue 13's report): 02:15 runs at
+        // 03:00, between 01:15 and 03:15, as croniter and Vixie cron have it.
+        let listed = Plan::parse("15 1,2,3 * * 0").unwrap();
+        let mut t = utc("2026-03-28T12:00:00Z");
+        let mut got = Vec::new();
+        for _ in 0..4 {
+            t = listed.next_after(t, paris).unwrap();
+            got.push(t.with_timezone(&paris).to_rfc3339());
+        }
+        assert_eq!(
+            got,
+            [
+                "2026-03-29T01:15:00+01:00",
+                "2026-03-29T03:00:00+02:00",
+                "2026-03-29T03:15:00+02:00",
+                "2026-04-05T01:15:00+02:00"
+            ]
+        );
+        // The latest plan at 03:05 is the one that ran at 03:00.
+        assert_eq!(
+            listed
+                .latest_at(utc("2026-03-29T01:05:00Z"), paris)
+                .unwrap()
+                .to_rfc3339(),
+            "2026-03-29T01:00:00+00:00"
+        );
     }
 
     #[test]
