@@ -281,37 +281,31 @@ class Bench:
                     f"drain {n:,} jobs, 2 executors", plain_once, graph_once)
         self.record("  last dependency finished to fan-in job started", statistics.median(delays), "ms")
 
-    def rate_run(self):
+    def beside_plain_drain(self, title, label, queue, settings, keys=None):
+        """A drain of a queue created with `settings`, in rounds beside a plain drain of as
+        many jobs (2 executors)."""
         n = self.size["drain"]
-        print(f"drain of a queue with a rate limit far above the drain rate (1 000 000/s; every "
-              f"claim reserves and settles its budget), beside a plain drain, 2 executors:")
+        print(f"{title}, beside a plain drain, 2 executors:")
         self.set_workers(2)
-        self.sql("SELECT queue.create_queue('bench_rated', 'bench_noop(jsonb)', concurrency => 10000, "
-                 "rate_limit => '1000000/1 second')")
+        self.sql(f"SELECT queue.create_queue('{queue}', 'bench_noop(jsonb)', concurrency => 10000, {settings})")
 
-        def drain_once(queue):
-            rate = self.drain(queue, n)
+        def drain_once(q, k):
+            rate = self.drain(q, n, keys=k)
             self.sql("TRUNCATE queue.history")
             return rate
-        self.paired(f"drain {n:,} jobs, rate-limited queue, 2 executors", "jobs/s",
-                    f"drain {n:,} jobs, 2 executors (beside the rate-limited queue)",
-                    lambda: drain_once("bench_drain"), lambda: drain_once("bench_rated"))
+        self.paired(f"drain {n:,} jobs, {label}, 2 executors", "jobs/s",
+                    f"drain {n:,} jobs, 2 executors (beside the {label} queue)",
+                    lambda: drain_once("bench_drain", None), lambda: drain_once(queue, keys))
+
+    def rate_run(self):
+        self.beside_plain_drain("drain of a queue with a rate limit far above the drain rate (1 000 000/s; "
+                                "every claim reserves and settles its budget)", "rate-limited",
+                                "bench_rated", "rate_limit => '1000000/1 second'")
 
     def fair_run(self):
-        n = self.size["drain"]
-        print(f"drain of a fair_share queue whose {n:,} jobs have 1 000 keys (claims rotate across "
-              "keys), beside a plain drain, 2 executors:")
-        self.set_workers(2)
-        self.sql("SELECT queue.create_queue('bench_fair', 'bench_noop(jsonb)', concurrency => 10000, "
-                 "fair_share => true)")
-
-        def drain_once(queue):
-            rate = self.drain(queue, n, keys=1000 if queue == "bench_fair" else None)
-            self.sql("TRUNCATE queue.history")
-            return rate
-        self.paired(f"drain {n:,} jobs, fair share over 1 000 keys, 2 executors", "jobs/s",
-                    f"drain {n:,} jobs, 2 executors (beside the fair-share queue)",
-                    lambda: drain_once("bench_drain"), lambda: drain_once("bench_fair"))
+        self.beside_plain_drain("drain of a fair_share queue whose jobs have 1 000 keys (claims rotate "
+                                "across keys)", "fair share over 1 000 keys", "bench_fair",
+                                "fair_share => true", keys=1000)
 
     def latency_run(self):
         print("pg_queue idle pickup (enqueue commit to handler start):")

@@ -132,6 +132,20 @@ BEGIN
 END
 $$;
 
+-- held_job: the job `id` while `lease_token` holds it (locked; NULL otherwise), after the
+-- consume privilege check of consumed_job.
+CREATE FUNCTION queue.held_job(id uuid, lease_token uuid) RETURNS queue.jobs
+LANGUAGE plpgsql AS $$
+DECLARE
+    j queue.jobs;
+BEGIN
+    IF queue.consumed_job(id, lease_token, true) IS NOT NULL THEN
+        SELECT * INTO j FROM queue.jobs x WHERE x.id = held_job.id;
+    END IF;
+    RETURN j;
+END
+$$;
+
 -- For external consumers: the same, fenced by the lease token like complete and fail.
 CREATE FUNCTION queue.snooze(id uuid, lease_token uuid, delay interval) RETURNS boolean
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
@@ -140,10 +154,10 @@ DECLARE
     q queue.queues;
 BEGIN
     PERFORM queue.check_delay('delay', delay, false);
-    IF queue.consumed_job(id, lease_token, true) IS NULL THEN
+    j := queue.held_job(id, lease_token);
+    IF j.id IS NULL THEN
         RETURN false;
     END IF;
-    SELECT * INTO j FROM queue.jobs x WHERE x.id = snooze.id;
     SELECT * INTO q FROM queue.queues x WHERE x.name = j.queue;
     IF j.snoozes >= q.max_snoozes THEN
         RAISE EXCEPTION 'job % was snoozed % times, the most queue "%" allows', id, j.snoozes, q.name
@@ -164,10 +178,10 @@ DECLARE
     q queue.queues;
 BEGIN
     PERFORM queue.check_delay('retry_after', retry_after, true);
-    IF queue.consumed_job(id, lease_token, true) IS NULL THEN
+    j := queue.held_job(id, lease_token);
+    IF j.id IS NULL THEN
         RETURN false;
     END IF;
-    SELECT * INTO j FROM queue.jobs x WHERE x.id = throttle.id;
     SELECT * INTO q FROM queue.queues x WHERE x.name = j.queue FOR UPDATE;
     PERFORM queue.requeue(j, clock_timestamp() + queue.cooldown(q, retry_after), false);
     PERFORM queue.record_flow(q.name, 1, retry_after, 0);
