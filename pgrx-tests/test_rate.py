@@ -148,3 +148,19 @@ def test_only_the_owner_or_a_manager_changes_flow_settings(cluster, db, name):
         app.execute("SELECT queue.alter_queue(%s, rate_limit => '1/second', fair_share => true)", (name,))
     assert db.execute("SELECT rate_limit, fair_share FROM queue.stats WHERE queue = %s",
                       (name,)).fetchone() == ("1/00:00:01", True)
+
+
+def test_rate_wait_tells_a_consumer_when_to_claim_again(db, name):
+    db.execute("SELECT queue.create_queue(%s, notify => true, rate_limit => '5/2 seconds', concurrency => 100)",
+               (name,))
+    db.execute("SELECT count(*) FROM queue.enqueue_many(%s, array_fill('{}'::jsonb, ARRAY[20]))", (name,))
+    assert scalar(db, "SELECT queue.rate_wait(%s)", (name,)) == datetime.timedelta(0)
+    assert scalar(db, "SELECT count(*) FROM queue.claim(%s, 'w', 10)", (name,)) == 5
+    wait = scalar(db, "SELECT queue.rate_wait(%s)", (name,))
+    assert 1.9 <= wait.total_seconds() <= 2.05, wait
+    assert scalar(db, "SELECT count(*) FROM queue.claim(%s, 'w', 10)", (name,)) == 0
+    time.sleep(float(scalar(db, "SELECT extract(epoch FROM queue.rate_wait(%s))", (name,))))
+    assert scalar(db, "SELECT count(*) FROM queue.claim(%s, 'w', 10)", (name,)) == 5
+    db.execute("SELECT queue.create_queue(%s, notify => true)", (name + "_free",))
+    assert scalar(db, "SELECT queue.rate_wait(%s)", (name + "_free",)) is None
+    assert sqlstate(db, "SELECT queue.rate_wait('no_such_queue')") == "42704"

@@ -25,7 +25,7 @@ GRANT EXECUTE ON FUNCTION
     queue.heartbeat, queue.complete, queue.fail, queue.channel,
     -- flow control
     queue.snooze(interval), queue.snooze(uuid, uuid, interval),
-    queue.throttle(interval), queue.throttle(uuid, uuid, interval),
+    queue.throttle(interval), queue.throttle(uuid, uuid, interval), queue.rate_wait,
     -- schedules
     queue.schedule, queue.alter_schedule, queue.unschedule, queue.cron_next,
     -- pure helpers, and what the views call

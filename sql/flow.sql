@@ -53,6 +53,23 @@ BEGIN
 END
 $$;
 
+-- rate_wait: for consumers of a rate-limited queue that got fewer jobs than they asked:
+-- how long until the next start is allowed, so they sleep exactly that long.
+CREATE FUNCTION queue.rate_wait(queue text) RETURNS interval
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    q queue.queues := queue.find_queue(rate_wait.queue);
+BEGIN
+    q := queue.authorize(q.name, CASE WHEN q.notify THEN 'consume' ELSE 'read' END);
+    IF q.rate_limit IS NULL THEN
+        RETURN NULL;
+    END IF;
+    RETURN queue.rate_wait_us(q.name, q.rate_limit, q.rate_window) * interval '1 microsecond';
+END
+$$;
+COMMENT ON FUNCTION queue.rate_wait(text) IS
+    'How long until the queue''s rate limit lets the next job start: 0 when now, NULL without a limit. Consumers whose claim got fewer jobs than asked sleep this long. Needs consume (NOTIFY queues) or read.';
+
 -- check_delay: a snooze's delay or a throttle's retry_after (NULL allowed only for the latter).
 CREATE FUNCTION queue.check_delay(what text, delay interval, nullable boolean) RETURNS void
 LANGUAGE plpgsql IMMUTABLE AS $$

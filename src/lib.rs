@@ -81,7 +81,8 @@ extension_sql_file!(
         "consumers",
         flow::signal_job,
         rate::rate_take,
-        rate::rate_settle
+        rate::rate_settle,
+        rate::rate_wait_us
     ]
 );
 extension_sql_file!(

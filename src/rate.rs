@@ -133,18 +133,20 @@ impl RateSlot {
         let left = self.limit.saturating_sub(used) as i32;
         let granted = wanted.clamp(0, left);
         self.counts[now.rem_euclid(RING as i64) as usize] += granted as u32;
-        let retry_at_us = (granted < wanted).then(|| {
-            // Budget returns when the oldest bucket holding starts leaves the ring.
-            let oldest = (now - BUCKETS..=now)
-                .find(|b| self.counts[b.rem_euclid(RING as i64) as usize] > 0)
-                .unwrap_or(now);
-            (oldest + RING as i64) * lim.width()
-        });
+        let retry_at_us = (granted < wanted).then(|| self.budget_returns_at(lim, now));
         Grant {
             granted,
             bucket: now,
             retry_at_us,
         }
+    }
+
+    /// When budget returns: when the oldest bucket holding starts leaves the ring.
+    fn budget_returns_at(&self, lim: Limit, now: i64) -> i64 {
+        let oldest = (now - BUCKETS..=now)
+            .find(|b| self.counts[b.rem_euclid(RING as i64) as usize] > 0)
+            .unwrap_or(now);
+        (oldest + RING as i64) * lim.width()
     }
 }
 
@@ -249,6 +251,31 @@ pub fn take(name: &str, lim: Limit, wanted: i32) -> Result<Grant, crate::worker:
     .map_err(crate::worker::SqlError::internal)
 }
 
+/// Microseconds until queue `name` may start a job (0: now), without reserving.
+fn wait_us(name: &str, lim: Limit) -> i64 {
+    // SAFETY: reads the clock.
+    let now_us = unsafe { pg_sys::GetCurrentTimestamp() };
+    let mut t = RATES.exclusive();
+    let Some(slot) = t.slots.iter_mut().find(|s| s.is(database(), name)) else {
+        return 0; // no start counted since the server started: the first claim seeds it
+    };
+    let g = slot.reserve(lim, now_us, 1);
+    slot.counts[g.bucket.rem_euclid(RING as i64) as usize] -= g.granted as u32;
+    g.retry_at_us.map_or(0, |at| (at - now_us).max(0))
+}
+
+/// Internal (queue.rate_wait): microseconds until a rate-limited queue may start a job.
+#[pg_extern(volatile)]
+fn rate_wait_us(queue: &str, lim: i32, win: pgrx::datum::Interval) -> i64 {
+    wait_us(
+        queue,
+        Limit {
+            limit: lim,
+            window_us: interval_us(win),
+        },
+    )
+}
+
 /// Gives back the unused part of a reservation.
 pub fn settle(name: &str, grant: &Grant, used: i32) {
     refund(database(), name, grant.bucket, grant.granted - used);
@@ -301,9 +328,10 @@ extension_sql!(
     r#"
 COMMENT ON FUNCTION queue.rate_take(text, integer, interval, integer) IS 'Internal: reserves starts of a rate-limited queue for a claim.';
 COMMENT ON FUNCTION queue.rate_settle(text, integer) IS 'Internal: gives back the starts a claim reserved and did not use.';
+COMMENT ON FUNCTION queue.rate_wait_us(text, integer, interval) IS 'Internal: microseconds until a rate-limited queue may start a job.';
 "#,
     name = "rate_comments",
-    requires = [rate_take, rate_settle]
+    requires = [rate_take, rate_settle, rate_wait_us]
 );
 
 #[cfg(any(test, feature = "pg_test"))]
