@@ -23,6 +23,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "pgrx-tests"))
 from cluster import Cluster, PG_BIN  # noqa: E402
 
+# The phases, in the order a full run takes them (each is a Bench.<phase>_run method).
+PHASES = ["enqueue", "drain", "graph", "rate", "fair", "latency", "history", "rss"]
+
 SIZES = {
     # jobs per floor run (1 and 64 per transaction), jobs per drain, pickups timed, history
     # rows, jobs between the RSS readings, seconds per enqueue run, enqueue_many calls,
@@ -236,7 +239,8 @@ class Bench:
     def drain_run(self):
         print("drain of no-op SQL-handler jobs, each beside its floor (pgbench claim+complete "
               "of 64 jobs per transaction):")
-        self.sql("SELECT queue.create_queue('bench_drain', 'bench_noop(jsonb)', concurrency => 10000)")
+        if self.one("SELECT to_regclass('floor_jobs')") is None:    # --only drain
+            self.sql(FLOOR_SCHEMA)
         self.drain_rates = {}
         for w in (1, 2, 4):
             self.set_workers(w)
@@ -389,7 +393,8 @@ class Bench:
             lines.append(f"| {what} | {value:,.1f} | {unit} | {ratio} | {floor if ratio else ''} |")
         text = "\n".join(lines) + "\n"
         os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-        name = f"{datetime.date.today()}-{'fast' if self.args.fast else 'durable'}-{kind}.md"
+        only = "-only-" + "-".join(self.args.only) if self.args.only else ""
+        name = f"{datetime.date.today()}-{'fast' if self.args.fast else 'durable'}-{kind}{only}.md"
         path = os.path.join(HERE, "results", name)
         with open(path, "w") as f:
             f.write(text)
@@ -400,15 +405,10 @@ class Bench:
         try:
             self.sql("CREATE EXTENSION pg_queue")
             self.sql(NOOP_HANDLER)
+            self.sql("SELECT queue.create_queue('bench_drain', 'bench_noop(jsonb)', concurrency => 10000)")
             print("settings: " + ", ".join(f"{k}={v}" for k, v in self.settings.items()))
-            self.enqueue_run()
-            self.drain_run()
-            self.graph_run()
-            self.rate_run()
-            self.fair_run()
-            self.latency_run()
-            self.history_run()
-            self.rss_run()
+            for phase in self.args.only or PHASES:
+                getattr(self, f"{phase}_run")()
             self.report()
         finally:
             self.cluster.destroy()
@@ -431,6 +431,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--fast", action="store_true", help="synchronous_commit = off")
     p.add_argument("--smoke", action="store_true", help="tiny sizes: checks the benchmark runs")
+    p.add_argument("--only", nargs="+", choices=PHASES, help="run these phases only")
     Bench(p.parse_args()).run()
 
 
