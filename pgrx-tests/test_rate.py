@@ -164,3 +164,30 @@ def test_rate_wait_tells_a_consumer_when_to_claim_again(db, name):
     db.execute("SELECT queue.create_queue(%s, notify => true)", (name + "_free",))
     assert scalar(db, "SELECT queue.rate_wait(%s)", (name + "_free",)) is None
     assert sqlstate(db, "SELECT queue.rate_wait('no_such_queue')") == "42704"
+
+
+def test_when_every_budget_slot_is_taken_only_that_queue_waits(cluster, db, name):
+    """Budgets of 128 queues are tracked at once. The 129th rate-limited queue in use is
+    refused with 54000 to its consumers and skipped by executors, whose other queues go
+    on. (Last in this module: it fills the slots of its cluster.)"""
+    refused = None
+    for i in range(130):                  # earlier tests' queues may still hold slots
+        q = f"{name}_{i}"
+        db.execute("SELECT queue.create_queue(%s, notify => true, rate_limit => '10/1 day')", (q,))
+        db.execute("SELECT queue.enqueue(%s)", (q,))
+        code = sqlstate(db, "SELECT count(*) FROM queue.claim(%s, 'fill', 1)", (q,))
+        if code is not None:
+            refused = (i, code)
+            break
+    assert refused is not None and refused[1] == "54000" and refused[0] <= 128, refused
+    assert scalar(db, "SELECT count(*) FROM queue.jobs WHERE queue = %s AND state = 'queued'",
+                  (f"{name}_{refused[0]}",)) == 1      # nothing changed for the refused claim
+    noop_queue(db, name + "_h", rate_limit="10/second")
+    noop_queue(db, name + "_p")
+    limited = scalar(db, "SELECT queue.enqueue(%s)", (name + "_h",))
+    plain = scalar(db, "SELECT queue.enqueue(%s)", (name + "_p",))
+    wait_for(lambda: scalar(db, "SELECT state = 'succeeded' FROM queue.status(%s)", (plain,)), what="the plain job")
+    assert scalar(db, "SELECT state::text FROM queue.status(%s)", (limited,)) == "queued"
+    db.execute("SELECT queue.alter_queue(%s, rate_limit => 'none')", (name + "_h",))
+    wait_for(lambda: scalar(db, "SELECT state = 'succeeded' FROM queue.status(%s)", (limited,)),
+             what="the job once its queue has no limit")

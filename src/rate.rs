@@ -248,7 +248,14 @@ pub fn take(name: &str, lim: Limit, wanted: i32) -> Result<Grant, crate::worker:
         wanted,
         seed.clamp(0, u32::MAX as i64) as u32,
     )
-    .map_err(crate::worker::SqlError::internal)
+    .map_err(|message| crate::worker::SqlError {
+        sqlstate: "54000".into(),
+        message,
+        detail: None,
+        hint: Some(
+            "Remove rate limits that are not needed (alter_queue(rate_limit => 'none')).".into(),
+        ),
+    })
 }
 
 /// Microseconds until queue `name` may start a job (0: now), without reserving.
@@ -299,7 +306,15 @@ fn rate_take(queue: &str, lim: i32, win: pgrx::datum::Interval, wanted: i32) -> 
         },
         wanted,
     )
-    .unwrap_or_else(|e| pgrx::error!("{e}"));
+    .unwrap_or_else(|e| {
+        let code = if e.sqlstate == "54000" {
+            PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED
+        } else {
+            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR
+        };
+        ereport!(PgLogLevel::ERROR, code, e.message);
+        unreachable!()
+    });
     PENDING.with_borrow_mut(|p| {
         p.retain(|(q, _)| q != queue);
         p.push((queue.to_string(), g));

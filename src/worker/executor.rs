@@ -799,7 +799,14 @@ fn claim_from(
         return claim_rows(client, executor_id, limit, q);
     };
     // Reserved after the claim's statement_timestamp (its started_at), given back unused.
-    let grant = crate::rate::take(&q.name, rate, limit)?;
+    // A budget that cannot be tracked (every slot in use) skips the queue, not the batch.
+    let grant = match crate::rate::take(&q.name, rate, limit) {
+        Ok(g) => g,
+        Err(e) => {
+            log!("pg_queue executor: queue {} not claimed: {e}", q.name);
+            return Ok(VecDeque::new());
+        }
+    };
     if let Some(at) = grant.retry_at_us {
         RATE_WAKE.set(Some(RATE_WAKE.get().map_or(at, |w: i64| w.min(at))));
     }
