@@ -20,11 +20,14 @@ COMMENT ON FUNCTION queue.channel(text) IS
 
 -- announce: `n` jobs of queue `q` became ready in this transaction. Executors are woken at
 -- commit; for a NOTIFY queue a notification carries the job's id (empty when several
--- became ready at once), delivered at commit like every NOTIFY.
+-- became ready at once), delivered at commit like every NOTIFY. Nobody is woken for a
+-- paused queue: resume() does that.
 CREATE FUNCTION queue.announce(q queue.queues, n integer, job_id uuid) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
-    IF q.notify THEN
+    IF q.paused THEN
+        RETURN;
+    ELSIF q.notify THEN
         PERFORM pg_notify(queue.channel(q.name), CASE WHEN n = 1 THEN job_id::text ELSE '' END);
     ELSE
         PERFORM queue.wake_executors(n);
@@ -122,7 +125,7 @@ BEGIN
     VALUES (job_id, q.name, 'queued', payload, who, priority, coalesce(run_at, now()),
             coalesce(max_attempts, q.max_attempts), timeout, now(),
             CASE WHEN q.fair_share THEN coalesce(enqueue.fair_key, '') ELSE enqueue.fair_key END);
-    IF run_at IS NULL OR run_at <= now() THEN
+    IF (run_at IS NULL OR run_at <= now()) AND NOT q.paused THEN     -- resume() wakes them
         IF q.notify THEN
             PERFORM pg_notify(queue.channel(q.name), job_id::text);
         ELSE

@@ -344,10 +344,12 @@ COMMENT ON FUNCTION queue.pause(text) IS
 
 CREATE FUNCTION queue.resume(queue text) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    q queue.queues := queue.authorize(queue, 'manage', true);
 BEGIN
-    PERFORM queue.authorize(queue, 'manage', true);
-    UPDATE queue.queues SET paused = false WHERE name = resume.queue;
-    PERFORM queue.wake_executors(2147483647);
+    UPDATE queue.queues SET paused = false WHERE name = q.name RETURNING * INTO q;
+    -- Enqueues while paused woke nobody: executors, or the consumers, look now.
+    PERFORM queue.announce(q, 2147483647, NULL);
 END
 $$;
 COMMENT ON FUNCTION queue.resume(text) IS 'Starts claiming jobs from a paused queue again.';
