@@ -77,7 +77,6 @@ def test_consumers_rotate_across_keys_within_the_cap(db, name):
     assert len(got) + len(more) == 4
     assert scalar(db, "SELECT count(*) FROM queue.jobs WHERE queue = %s AND state = 'running' AND fair_key = 'A'",
                   (name,)) == 3
-    assert sqlstate(db, "SELECT * FROM queue.claim(ARRAY[%s], 'c1', 5)", (name,)) == "0A000"
 
 
 def test_turning_fair_share_on_and_off_loses_no_job(db, name):
@@ -106,3 +105,19 @@ def test_bad_fair_settings_change_nothing(db, name):
         assert sqlstate(db, call, {"q": name, "x": name + "_x"}) == "22023", call
     assert db.execute("SELECT * FROM queue.queues ORDER BY name").fetchall() == before
     assert scalar(db, "SELECT count(*) FROM queue.jobs WHERE queue = %s", (name,)) == 0
+
+
+def test_multi_queue_claims_serve_fair_queues_by_their_rotation(db, name):
+    fair, plain = name + "_f", name + "_p"
+    db.execute("SELECT queue.create_queue(%s, notify => true, fair_share => true, key_concurrency => 2, "
+               "concurrency => 1000)", (fair,))
+    db.execute("SELECT queue.create_queue(%s, notify => true, concurrency => 1000)", (plain,))
+    enqueue_many(db, fair, 50, "A")
+    enqueue_many(db, fair, 50, "B")
+    db.execute("SELECT count(*) FROM queue.enqueue_many(%s, array_fill('{}'::jsonb, ARRAY[3]))", (plain,))
+    got = db.execute("SELECT queue FROM queue.claim(ARRAY[%s, %s], 'm', 20)", (fair, plain)).fetchall()
+    assert sorted(r[0] for r in got) == [fair] * 4 + [plain] * 3      # 2 per key, the plain queue's 3
+    running = dict(db.execute("SELECT fair_key, count(*) FROM queue.jobs WHERE queue = %s AND state = 'running' "
+                              "GROUP BY 1", (fair,)).fetchall())
+    assert running == {"A": 2, "B": 2}
+    assert scalar(db, "SELECT count(*) FROM queue.claim(ARRAY[%s, %s], 'm', 20)", (fair, plain)) == 0

@@ -185,7 +185,8 @@ COMMENT ON FUNCTION queue.claim(text, text, integer, interval) IS
 -- claim(queues text[], ...): one consumer serving several NOTIFY queues. Each queue's
 -- claims stay serialised (its lock, taken in name order so that two such consumers
 -- cannot deadlock) and within its concurrency; across queues jobs come in (priority,
--- run_at, id) order, as within one.
+-- run_at, id) order, as within one. A fair_share queue offers what its rotation across
+-- keys picks (locked until the claim commits, even those the order leaves out).
 CREATE FUNCTION queue.claim(
     queues   text[],
     consumer text,
@@ -203,6 +204,10 @@ DECLARE
     rated text[] := '{}';
     grants integer[] := '{}';
     used integer[] := '{}';
+    -- fair_share queues among them: the jobs fair_pick chose, and the keys claimed
+    fair_ids uuid[] := '{}';
+    claimed_queues text[] := '{}';
+    claimed_keys text[] := '{}';
     got record;
     i integer;
 BEGIN
@@ -214,11 +219,6 @@ BEGIN
     END IF;
     FOR name IN SELECT DISTINCT x FROM unnest(queues) x ORDER BY 1 LOOP
         q := queue.claimable(name);
-        IF q.fair_share THEN
-            RAISE EXCEPTION 'queue "%" shares its jobs fairly by key: claim it on its own', q.name
-                USING ERRCODE = 'feature_not_supported',
-                      HINT = 'Use queue.claim(queue, consumer, n, lease) for a fair_share queue.';
-        END IF;
         IF NOT (q.paused OR coalesce(q.throttled_until > clock_timestamp(), false)) THEN
             open_queues := open_queues || q.name;
         END IF;
@@ -234,21 +234,33 @@ BEGIN
         grants := grants || queue.rate_take(q.name, q.rate_limit, q.rate_window, n);
         used := used || 0;
     END LOOP;
+    -- A fair_share queue's candidates come from its rotation across keys (sql/fair.sql).
+    FOR q IN SELECT * FROM queue.queues x WHERE x.name = ANY (open_queues) AND x.fair_share LOOP
+        fair_ids := fair_ids || ARRAY(SELECT queue.fair_pick(
+            q.name, least(n, q.concurrency - (SELECT count(*) FROM queue.jobs r
+                                               WHERE r.queue = q.name AND r.state = 'running'),
+                          coalesce(grants[array_position(rated, q.name)], n)),
+            q.key_concurrency, queue.fair_cursor(q.name), t0));
+    END LOOP;
     FOR got IN
     WITH b AS (
         SELECT x.name, least(x.concurrency - (SELECT count(*) FROM queue.jobs r
                                                WHERE r.queue = x.name AND r.state = 'running'),
                              coalesce(grants[array_position(rated, x.name)], n)) AS budget
-          FROM queue.queues x WHERE x.name = ANY (open_queues)
+          FROM queue.queues x WHERE x.name = ANY (open_queues) AND NOT x.fair_share
     ), c AS (
-        SELECT k.id FROM b
-         CROSS JOIN LATERAL (
-            SELECT j.id, j.priority, j.run_at FROM queue.jobs j
-             WHERE j.queue = b.name AND j.state = 'queued' AND j.run_at <= t0
-             ORDER BY j.priority, j.run_at, j.id
-             LIMIT greatest(0, least(n, b.budget))
-               FOR UPDATE SKIP LOCKED) k
-         ORDER BY k.priority, k.run_at, k.id
+        SELECT y.id FROM (
+            SELECT k.id, k.priority, k.run_at FROM b
+             CROSS JOIN LATERAL (
+                SELECT j.id, j.priority, j.run_at FROM queue.jobs j
+                 WHERE j.queue = b.name AND j.state = 'queued' AND j.run_at <= t0
+                 ORDER BY j.priority, j.run_at, j.id
+                 LIMIT greatest(0, least(n, b.budget))
+                   FOR UPDATE SKIP LOCKED) k
+            UNION ALL
+            SELECT j.id, j.priority, j.run_at FROM queue.jobs j WHERE j.id = ANY (fair_ids)
+        ) y
+         ORDER BY y.priority, y.run_at, y.id
          LIMIT n
     )
     UPDATE queue.jobs j
@@ -257,7 +269,8 @@ BEGIN
            lease_expires_at = clock_timestamp() + claim.lease, lease_token = gen_random_uuid()
      WHERE j.id = ANY(ARRAY(SELECT c.id FROM c))
     RETURNING j.id AS job_id, j.queue AS job_queue, j.payload AS job_payload, j.attempts,
-              j.lease_token AS token, j.lease_expires_at AS expires, j.depends_on AS deps
+              j.lease_token AS token, j.lease_expires_at AS expires, j.depends_on AS deps,
+              j.fair_key AS job_key
     LOOP
         id := got.job_id; queue := got.job_queue; payload := got.job_payload; attempt := got.attempts;
         lease_token := got.token; lease_expires_at := got.expires; depends_on := got.deps;
@@ -266,6 +279,14 @@ BEGIN
         IF i IS NOT NULL THEN
             used[i] := used[i] + 1;
         END IF;
+        IF got.job_key IS NOT NULL THEN
+            claimed_queues := claimed_queues || got.job_queue;
+            claimed_keys := claimed_keys || got.job_key;
+        END IF;
+    END LOOP;
+    FOR q IN SELECT * FROM queue.queues x WHERE x.name = ANY (open_queues) AND x.fair_share LOOP
+        PERFORM queue.fair_advance(q.name, ARRAY(SELECT u.k FROM unnest(claimed_queues, claimed_keys) u(qn, k)
+                                                  WHERE u.qn = q.name));
     END LOOP;
     FOR i IN 1 .. cardinality(rated) LOOP
         PERFORM queue.rate_settle(rated[i], used[i]);
