@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "pgrx-tests"))
 from cluster import Cluster, PG_BIN  # noqa: E402
 
 # The phases, in the order a full run takes them (each is a Bench.<phase>_run method).
-PHASES = ["enqueue", "drain", "graph", "rate", "fair", "latency", "history", "rss"]
+PHASES = ["enqueue", "peers", "drain", "graph", "rate", "fair", "latency", "history", "rss"]
 
 SIZES = {
     # jobs per floor run (1 and 64 per transaction), jobs per drain, pickups timed, history
@@ -72,6 +72,24 @@ SELECT id, queue, 'succeeded', payload, enqueued_by, priority, run_at, attempts,
 COMMIT;
 """
 
+# What a user would compare enqueue with (issue 14): a table shaped like a pgmq queue table
+# (bigint identity key, read count, enqueued_at and vt, jsonb message, an index on vt),
+# written as pgmq's send and send_batch do, and a bare two-column table.
+PEER_SCHEMA = """
+CREATE TABLE pgmq_shaped (
+    msg_id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    read_ct integer NOT NULL DEFAULT 0,
+    enqueued_at timestamptz NOT NULL DEFAULT now(),
+    vt timestamptz NOT NULL,
+    message jsonb);
+CREATE INDEX ON pgmq_shaped (vt ASC);
+CREATE TABLE bare (id bigserial PRIMARY KEY, payload jsonb);
+"""
+PGMQ_SEND = "INSERT INTO pgmq_shaped (vt, message) VALUES (clock_timestamp(), '{\"i\": 1}') RETURNING msg_id;"
+PGMQ_SEND_BATCH = ("INSERT INTO pgmq_shaped (vt, message) SELECT clock_timestamp(), m "
+                   "FROM unnest(array_fill('{{\"i\": 1}}'::jsonb, ARRAY[{n}])) m RETURNING msg_id;")
+BARE_INSERT = "INSERT INTO bare (payload) VALUES ('{\"i\": 1}');"
+
 NOOP_HANDLER = """
 CREATE PROCEDURE bench_noop(payload jsonb) LANGUAGE plpgsql AS $$ BEGIN END $$;
 CREATE TABLE bench_pickup (job uuid, at timestamptz DEFAULT clock_timestamp());
@@ -113,7 +131,7 @@ class Bench:
         rows = self.sql(query, params)
         return rows[0][0] if rows else None
 
-    def pgbench(self, script, clients, transactions=None, seconds=None):
+    def pgbench(self, script, clients, transactions=None, seconds=None, prepared=False):
         """Runs a pgbench custom script over TCP loopback; returns transactions per second."""
         with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as f:
             f.write(script)
@@ -121,6 +139,7 @@ class Bench:
         cmd = [f"{PG_BIN}/pgbench", "-n", "-h", "127.0.0.1", "-p", str(self.cluster.port),
                "-U", "postgres", "-c", str(clients), "-j", str(clients), "-f", f.name]
         cmd += ["-t", str(transactions)] if transactions else ["-T", str(seconds)]
+        cmd += ["-M", "prepared"] if prepared else []
         out = subprocess.run(cmd + ["postgres"], check=True, capture_output=True, text=True).stdout
         os.unlink(f.name)
         return float(re.search(r"tps = ([\d.]+) \(without initial connection time\)", out).group(1))
@@ -132,7 +151,7 @@ class Bench:
 
     def floor(self, name, value):
         self.floors[name] = value
-        self.record(name, value, "rows/s" if "INSERT" in name else "jobs/s")
+        self.record(name, value, "rows/s" if "INSERT" in name or "pgmq" in name else "jobs/s")
 
     def set_workers(self, n):
         self.sql(f"ALTER SYSTEM SET queue.max_workers = {int(n)}")
@@ -203,6 +222,31 @@ class Bench:
         self.record("  WAL written per job by enqueue_many", float(wal_per_job), "bytes")
         self.sql("SELECT queue.drop_queue('bench_enqueue', force => true)")
         self.sql("TRUNCATE queue.history, floor_jobs")
+
+    def peers_run(self):
+        """Enqueue called the way pgmq's send is (pgbench, prepared, 1 client) with two
+        executors started, beside a pgmq-shaped table and a bare table written the same way."""
+        print("enqueue beside what a user would compare it with (pgbench -M prepared, 1 client, "
+              "2 executors started, paused queue):")
+        self.sql(PEER_SCHEMA)
+        self.sql("SELECT queue.create_queue('bench_peer', 'bench_noop(jsonb)', paused => true)")
+        self.set_workers(2)
+        secs = self.size["enqueue_secs"]
+        enqueue = "SELECT queue.enqueue('bench_peer', '{\"i\": 1}');"
+        self.paired("enqueue (prepared), beside pgmq send", "jobs/s", "pgmq-shaped send (prepared)",
+                    lambda: self.pgbench(PGMQ_SEND, 1, seconds=secs, prepared=True),
+                    lambda: self.pgbench(enqueue, 1, seconds=secs, prepared=True))
+        self.paired("enqueue (prepared), beside the bare INSERT", "jobs/s", "bare INSERT (prepared)",
+                    lambda: self.pgbench(BARE_INSERT, 1, seconds=secs, prepared=True),
+                    lambda: self.pgbench(enqueue, 1, seconds=secs, prepared=True))
+        for n in (1000, 10000):
+            many = f"SELECT queue.enqueue_many('bench_peer', array_fill('{{\"i\": 1}}'::jsonb, ARRAY[{n}]));"
+            self.paired(f"enqueue_many of {n:,} (prepared)", "jobs/s", f"pgmq-shaped send_batch of {n:,}",
+                        lambda: n * self.pgbench(PGMQ_SEND_BATCH.format(n=n), 1, seconds=secs, prepared=True),
+                        lambda: n * self.pgbench(many, 1, seconds=secs, prepared=True))
+        self.sql("SELECT queue.drop_queue('bench_peer', force => true)")
+        self.sql("DROP TABLE pgmq_shaped, bare")
+        self.sql("TRUNCATE queue.history")
 
     def drain(self, queue, n, fan_in=False, keys=None):
         """Enqueues n jobs on the paused queue (with fan_in, and one more that depends on

@@ -2,7 +2,7 @@
 # The benchmark: installs the release build, then measures Postgres's floors and
 # pg_queue's figures on one throwaway cluster (bench/bench.py) and writes a markdown table
 # to bench/results/. Arguments: --fast (synchronous_commit off), --smoke (tiny sizes),
-# --only PHASE... (some phases: enqueue drain graph rate fair latency history rss).
+# --only PHASE... (some phases: enqueue peers drain graph rate fair latency history rss).
 # Never run it while another cluster with pg_queue preloaded is up on this machine: it
 # replaces the installed library.
 set -euo pipefail
