@@ -134,6 +134,8 @@ BEGIN
     IF q.rate_limit IS NOT NULL THEN
         budget := queue.rate_take(q.name, q.rate_limit, q.rate_window, n);
     END IF;
+    -- The same claim as claim(queues[]) below, for one queue, kept separate because it is
+    -- every consumer's hot path: delegating to the general one doubled a claim's cost.
     IF q.fair_share THEN                -- rotate across keys (sql/fair.sql)
         FOR got IN
         UPDATE queue.jobs j
