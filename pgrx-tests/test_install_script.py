@@ -48,9 +48,16 @@ def install_script():
     return installs
 
 
+def update_scripts():
+    """The hand-written `pg_queue--A--B.sql` of this repository."""
+    scripts = glob.glob(os.path.join(os.path.dirname(__file__), "..", "sql", "pg_queue--*--*.sql"))
+    assert scripts
+    return scripts
+
+
 def test_pgspot_finds_nothing():
     pgspot = os.path.join(os.path.dirname(sys.executable), "pgspot")
-    for script in install_script():
+    for script in install_script() + update_scripts():
         out = subprocess.run([pgspot, "--no-plpgsql", "--ignore", "PS005", "--append",
                               PREAMBLE, script], capture_output=True, text=True)
         findings = [line.strip() for line in out.stdout.splitlines() if line.strip()]

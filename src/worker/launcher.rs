@@ -6,6 +6,7 @@
 //! deadline (a plan time, a lease expiring), so none of them is late.
 //! Registered with BgWorkerStart_RecoveryFinished: a standby runs nothing until promoted.
 
+use super::schema::{self, Schema};
 use super::{maintenance, retention, transaction};
 use crate::{gucs, shmem};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder};
@@ -49,13 +50,17 @@ pub extern "C-unwind" fn pg_queue_launcher_main(_arg: pg_sys::Datum) {
     let mut last_tick: Option<Instant> = None;
     let mut ticks: u32 = 0;
     let mut announced_until = None;
-    let mut warned_missing = false;
+    let mut last_schema: Option<Schema> = None;
     loop {
         super::reload_config_if_asked();
         let interval = gucs::maintenance_interval();
         let mut sleep = interval;
-        if extension_installed() {
-            warned_missing = false;
+        let found = schema::current();
+        if last_schema.as_ref() != Some(&found) {
+            say_schema(&found, &database);
+            last_schema = Some(found.clone());
+        }
+        if let Schema::Served(_) = found {
             // A pass runs every `interval` (a tick) and also at the deadlines the last pass
             // found (a scheduled NOTIFY-queue job, a consumer's lease expiring).
             let tick = last_tick.is_none_or(|t| t.elapsed() >= interval);
@@ -93,10 +98,6 @@ pub extern "C-unwind" fn pg_queue_launcher_main(_arg: pg_sys::Datum) {
                 last_tick.map_or(Duration::ZERO, |t| interval.saturating_sub(t.elapsed()));
             sleep = sleep.min(to_tick).max(MIN_PASS_GAP);
         } else {
-            if !warned_missing {
-                log!("pg_queue launcher: waiting for CREATE EXTENSION pg_queue in \"{database}\"");
-                warned_missing = true;
-            }
             manage_executors(0);
         }
         super::report_activity("idle", false);
@@ -154,17 +155,27 @@ fn partitions_and_consumers() {
     }
 }
 
-fn extension_installed() -> bool {
-    transaction(|| {
-        Spi::get_one::<bool>(
-            "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_queue')
-                AND to_regclass('queue.jobs') IS NOT NULL",
-        )
-        .ok()
-        .flatten()
-        .unwrap_or(false)
-    })
-    .unwrap_or(false)
+/// Logs what the launcher found when it changes: the extension created, updated, dropped,
+/// or at a version this library cannot serve.
+fn say_schema(found: &Schema, database: &str) {
+    let library = schema::library();
+    match found {
+        Schema::Missing => {
+            log!("pg_queue launcher: waiting for CREATE EXTENSION pg_queue in \"{database}\"")
+        }
+        Schema::Served(v) if v == library => {
+            log!("pg_queue launcher: serving \"{database}\" (pg_queue {v})")
+        }
+        Schema::Served(v) => log!(
+            "pg_queue launcher: serving \"{database}\" at schema version {v} with library \
+             {library}; run ALTER EXTENSION pg_queue UPDATE for what {library} adds"
+        ),
+        Schema::Unknown(v) => warning!(
+            "pg_queue launcher: \"{database}\" has pg_queue schema version {v}, which library \
+             {library} does not know; nothing runs until the library of version {v} is \
+             installed and the server restarted"
+        ),
+    }
 }
 
 /// Frees registry slots whose process is gone without saying so (it died before it could

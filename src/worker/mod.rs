@@ -7,6 +7,7 @@ pub mod launcher;
 pub mod maintenance;
 mod plans;
 pub mod retention;
+pub mod schema;
 pub use plans::kept;
 
 use pgrx::pg_sys;
