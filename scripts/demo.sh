@@ -10,30 +10,11 @@ PG_BIN=/usr/lib/postgresql/15/bin
 echo "== building and installing pg_queue (release)"
 if [ "$(id -u)" -eq 0 ]; then
     cargo pgrx install --release --pg-config "$PG_BIN/pg_config" >/dev/null
-    AS_PG=(runuser -u postgres --)
 else
     cargo pgrx install --release --sudo --pg-config "$PG_BIN/pg_config" >/dev/null
-    AS_PG=()
 fi
 
-DIR=$(mktemp -d /var/tmp/pg_queue-demo-XXXXXX)
-[ "$(id -u)" -eq 0 ] && chown postgres:postgres "$DIR"
-PORT=$((20000 + RANDOM % 10000))
-cleanup() { "${AS_PG[@]}" "$PG_BIN/pg_ctl" -D "$DIR/data" -m immediate stop >/dev/null 2>&1 || true; rm -rf "$DIR"; }
-trap cleanup EXIT
-
-echo "== starting a throwaway cluster in $DIR (port $PORT, unix socket only)"
-"${AS_PG[@]}" "$PG_BIN/initdb" -D "$DIR/data" -U postgres --auth=trust --no-sync >/dev/null
-cat >> "$DIR/data/postgresql.conf" <<CONF
-shared_preload_libraries = 'pg_queue'
-queue.database = 'postgres'
-queue.max_workers = 2
-listen_addresses = ''
-unix_socket_directories = '$DIR'
-port = $PORT
-CONF
-"${AS_PG[@]}" "$PG_BIN/pg_ctl" -D "$DIR/data" -l "$DIR/server.log" -w start >/dev/null
-psql() { command psql -X -q -h "$DIR" -p "$PORT" -U postgres -d postgres -v ON_ERROR_STOP=1 "$@"; }
+source scripts/throwaway-cluster.sh
 
 psql <<'SQL'
 \echo == CREATE EXTENSION, a table, a handler and a queue
