@@ -24,18 +24,19 @@ sys.path.insert(0, os.path.join(HERE, "..", "pgrx-tests"))
 from cluster import Cluster, PG_BIN  # noqa: E402
 
 # The phases, in the order a full run takes them (each is a Bench.<phase>_run method).
-PHASES = ["enqueue", "peers", "drain", "graph", "rate", "fair", "latency", "history", "rss"]
+PHASES = ["enqueue", "peers", "drain", "graph", "rate", "fair", "latency", "history", "stats", "rss"]
 
 SIZES = {
     # jobs per floor run (1 and 64 per transaction), jobs per drain, pickups timed, history
     # rows, jobs between the RSS readings, seconds per enqueue run, enqueue_many calls,
-    # rounds of each pg_queue figure beside its floor, and jobs in the fan-in graph
+    # rounds of each pg_queue figure beside its floor, jobs in the fan-in graph, and
+    # history rows (older than an hour, and of a busy last hour) under queue.stats
     "full": dict(floor_single=5_000, floor_batch=100_000, drain=50_000, latency=500,
                  history=5_000_000, rss=1_000_000, enqueue_secs=4, many_calls=10, rounds=3,
-                 graph=10_000),
+                 graph=10_000, stats_history=10_000_000, stats_hour=1_000_000),
     "smoke": dict(floor_single=500, floor_batch=2_000, drain=2_000, latency=20,
                   history=20_000, rss=5_000, enqueue_secs=1, many_calls=2, rounds=1,
-                  graph=1_000),
+                  graph=1_000, stats_history=20_000, stats_hour=2_000),
 }
 
 # The floors run on tables shaped exactly like queue.jobs and queue.history (same columns,
@@ -149,9 +150,9 @@ class Bench:
         ratio = f"  ({value / self.floors[floor]:.2f}x {floor})" if floor in self.floors else ""
         print(f"  {what:<52} {value:>12,.1f} {unit}{ratio}", flush=True)
 
-    def floor(self, name, value):
+    def floor(self, name, value, unit=None):
         self.floors[name] = value
-        self.record(name, value, "rows/s" if "INSERT" in name or "pgmq" in name else "jobs/s")
+        self.record(name, value, unit or ("rows/s" if "INSERT" in name or "pgmq" in name else "jobs/s"))
 
     def set_workers(self, n):
         self.sql(f"ALTER SYSTEM SET queue.max_workers = {int(n)}")
@@ -401,6 +402,62 @@ class Bench:
         self.record(f"drain {self.size['drain']:,} jobs, 2 executors, {n:,} in history",
                     statistics.median(after), "jobs/s", "drain, empty history, 2 executors")
         self.sql("TRUNCATE queue.history")
+
+    def timed_ms(self, query, runs=20, setup=None):
+        """Median wall time of a statement on one connection, in ms."""
+        times = []
+        with self.cluster.connect() as c:
+            if setup:
+                c.execute(setup)
+            for _ in range(runs):
+                t = time.perf_counter()
+                c.execute(query).fetchall()
+                times.append((time.perf_counter() - t) * 1000)
+        return statistics.median(times)
+
+    def stats_run(self):
+        n, busy = self.size["stats_history"], self.size["stats_hour"]
+        print(f"reading queue.stats, queue.metrics and prometheus_metrics() with empty history, with "
+              f"{n:,} jobs finished over the 6 days before the last hour, and with {busy:,} more "
+              "in the last hour; and what the launcher's roll-up costs:")
+        self.set_workers(0)
+        self.sql("SELECT queue.create_queue('bench_stats', 'bench_noop(jsonb)', paused => true)")
+        reads = {"queue.stats": "SELECT * FROM queue.stats",
+                 "queue.metrics, last hour": "SELECT * FROM queue.metrics WHERE minute > now() - interval '1 hour'",
+                 "queue.prometheus_metrics()": "SELECT queue.prometheus_metrics()"}
+        for what, query in reads.items():
+            self.floor(f"{what}, empty history", self.timed_ms(query), "ms")
+        # What queue.stats read before the rollups (0.1.0): the last hour of history.
+        before_rollups = """SELECT count(*) FILTER (WHERE x.state = 'succeeded'), count(*) FILTER (WHERE x.state = 'failed')
+                              FROM queue.history x WHERE x.queue = 'bench_stats' AND x.finished_at > now() - interval '1 hour'"""
+        fill = """INSERT INTO queue.history (id, queue, state, payload, enqueued_by, priority, run_at,
+                       attempts, max_attempts, created_at, started_at, finished_at, errors)
+                  SELECT queue.uuid_generate_v7(), 'bench_stats', 'succeeded', '{{}}', current_user::regrole, 0,
+                         t - interval '20 ms', 1, 5, t - interval '20 ms', t - interval '10 ms', t, '[]'
+                    FROM (SELECT {start} - {span} * i / {n} AS t FROM generate_series(1, {n}) i) s"""
+        self.sql(fill.format(start="now() - interval '1 hour'", span="interval '6 days'", n=n))
+        self.sql("VACUUM ANALYZE queue.history")
+        for what, query in reads.items():
+            self.record(f"{what}, {n:,} jobs in history", self.timed_ms(query), "ms", f"{what}, empty history")
+
+        self.sql(fill.format(start="now()", span="interval '55 minutes'", n=busy))
+        self.sql("VACUUM ANALYZE queue.history")
+        # The roll-up as the launcher runs it (without JIT, 64MB work_mem): once over the
+        # whole hour (catching up, e.g. after a restart), then as it does every minute.
+        roll_up = "SELECT queue.roll_up_metrics(date_trunc('minute', now()))"
+        setup = "SET jit = off; SET work_mem = '64MB'"
+        self.sql("UPDATE queue.metrics_state SET final_until = NULL")
+        self.record(f"roll-up catching up a last hour of {busy:,} jobs", self.timed_ms(roll_up, runs=1, setup=setup), "ms")
+        self.record(f"roll-up once a minute at that rate (re-rolls ~6 minutes, ~{busy * 6 // 55:,} jobs)",
+                    self.timed_ms(roll_up, runs=3, setup=setup), "ms")
+        for what, query in reads.items():
+            self.record(f"{what}, and {busy:,} jobs in the last hour", self.timed_ms(query), "ms",
+                        f"{what}, empty history")
+        self.record(f"0.1.0's queue.stats read of that last hour", self.timed_ms(before_rollups, runs=3),
+                    "ms", "queue.stats, empty history")
+        self.sql("TRUNCATE queue.history, queue.metrics_minutes, queue.metrics_totals")
+        self.sql("UPDATE queue.metrics_state SET final_until = NULL, rolled_until = NULL")
+        self.sql("SELECT queue.drop_queue('bench_stats')")
 
     def rss_run(self):
         n = self.size["rss"]

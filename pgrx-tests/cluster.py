@@ -29,7 +29,7 @@ class Cluster:
         self.port = 5433 + os.getpid() % 1000
         self.settings = {
             "shared_preload_libraries": "'pg_queue'",
-            "queue.database": "'postgres'",
+            "queue.databases": "'postgres'",  # other databases the tests create are not served
             "listen_addresses": "''",
             "unix_socket_directories": f"'{self.dir}'",
             "port": str(self.port),

@@ -2,9 +2,12 @@
 walk-through runs as written, each block as the role it names, all but the DBA's ordinary."""
 import pathlib
 import re
+import subprocess
 import time
 
 import psycopg
+
+from cluster import PG_BIN
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 
@@ -30,10 +33,34 @@ def test_readme_reference_examples_run(cluster):
             db.execute(sql)
 
 
+def test_readme_monitoring_and_upgrading_examples_run(cluster):
+    """After the reference examples (their queue 'work'): the Monitoring queries, and the
+    Upgrading block, which on an up-to-date install only says so."""
+    blocks = sql_blocks("Monitoring") + sql_blocks("Upgrading")
+    assert len(blocks) == 2
+    with cluster.connect(dbname="readme") as db:
+        for sql in blocks:
+            db.execute(sql)
+        text = db.execute("SELECT queue.prometheus_metrics()").fetchone()[0]
+        queues = [q for q, in db.execute("SELECT name FROM queue.queues").fetchall()]
+        assert queues and all(f'pg_queue_jobs{{queue="{q}",state="ready"}}' in text for q in queues)
+
+
+def test_readme_several_databases_example_runs_in_psql(cluster):
+    """It switches databases (\\c), so psql runs it, as a reader would."""
+    blocks = sql_blocks("Several databases")
+    assert len(blocks) == 1
+    out = subprocess.run([f"{PG_BIN}/psql", "-X", "-v", "ON_ERROR_STOP=1", "-h", cluster.dir,
+                          "-p", str(cluster.port), "-U", "postgres", "-d", "postgres"],
+                         input=blocks[0], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "pg_queue launcher" in out.stdout
+
+
 def test_readme_security_walk_through_as_ordinary_roles(cluster):
     blocks = sql_blocks("Walk-through for a DBA", level="### ")
     assert len(blocks) == 5
-    # In the database the workers serve (queue.database), so that the handler's job runs.
+    # In the database the workers serve (queue.databases), so that the handler's job runs.
     results = {}
     for sql in blocks:
         role = re.match(r"-- as (\w+)", sql).group(1)

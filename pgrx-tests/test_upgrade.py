@@ -175,7 +175,7 @@ def catalog(cluster, dbname):
     """The extension's objects as pg_dump sees them for pg_upgrade (binary-upgrade mode
     dumps every member object, with its ACL), without the OIDs that differ per database."""
     out = subprocess.run(
-        [os.path.join(PG_BIN, "pg_dump"), "--schema-only", "--binary-upgrade", "--no-comments",
+        [os.path.join(PG_BIN, "pg_dump"), "--schema-only", "--binary-upgrade",
          "-h", cluster.dir, "-p", str(cluster.port), "-U", "postgres", "-d", dbname],
         check=True, capture_output=True, text=True).stdout
     volatile = re.compile(r"binary_upgrade_|relfrozenxid|^WHERE oid = '\d+'|^\\(un)?restrict |^-- Dumped")

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what building and testing pg_queue needs on a Debian 12 machine, only what is
 # missing: Postgres 15 with server headers, clang (bindgen), sudo (cargo pgrx test --runas),
-# cargo-pgrx of the pinned pgrx version, and Python's psycopg + pytest for the real-cluster
-# suite. Idempotent: a second run takes a second or two.
+# cargo-pgrx of the pinned pgrx version, Python's psycopg + pytest for the real-cluster
+# suite, and Debian's Prometheus exporters that the monitoring tests scrape through.
+# Idempotent: a second run takes a second or two.
 set -euo pipefail
 
 PGRX_VERSION=0.18.1
@@ -12,7 +13,8 @@ SUDO=""
 
 need_apt=()
 for pkg in build-essential pkg-config libssl-dev ca-certificates clang libclang-dev \
-           postgresql-15 postgresql-server-dev-15 postgresql-contrib sudo python3-venv; do
+           postgresql-15 postgresql-server-dev-15 postgresql-contrib sudo python3-venv \
+           prometheus-node-exporter prometheus-postgres-exporter; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -41,11 +43,13 @@ fi
 
 # Python for the real-cluster suite and the demo, in a venv outside the repo; pgspot checks
 # the install script for search_path hazards (pgrx-tests/test_install_script.py); croniter
-# is an independent cron implementation the DST tests compare with (test_cron_dst.py).
+# is an independent cron implementation the DST tests compare with (test_cron_dst.py);
+# prometheus-client's parser reads queue.prometheus_metrics() (test_metrics.py).
 VENV=${PG_QUEUE_VENV:-$HOME/.cache/pg_queue/venv}
 if [ ! -x "$VENV/bin/pytest" ] || [ ! -x "$VENV/bin/pgspot" ] \
-        || ! "$VENV/bin/python" -c "import psycopg, croniter" 2>/dev/null; then
-    echo "setup: creating Python venv $VENV (psycopg, pytest, pgspot, croniter)"
+        || ! "$VENV/bin/python" -c "import psycopg, croniter, prometheus_client" 2>/dev/null; then
+    echo "setup: creating Python venv $VENV (psycopg, pytest, pgspot, croniter, prometheus-client)"
     python3 -m venv "$VENV"
-    "$VENV/bin/pip" install -q "psycopg[binary]>=3.1,<4" "pytest>=7,<9" "pgspot==0.9.4" "croniter==7.0.0"
+    "$VENV/bin/pip" install -q "psycopg[binary]>=3.1,<4" "pytest>=7,<9" "pgspot==0.9.4" "croniter==7.0.0" \
+        "prometheus-client==0.21.1"
 fi

@@ -14,7 +14,6 @@ echo "== starting a throwaway cluster in $DIR (port $PORT, unix socket only)"
 "${AS_PG[@]}" "$PG_BIN/initdb" -D "$DIR/data" -U postgres --auth=trust --no-sync >/dev/null
 cat >> "$DIR/data/postgresql.conf" <<CONF
 shared_preload_libraries = 'pg_queue'
-queue.database = 'postgres'
 queue.max_workers = 2
 listen_addresses = ''
 unix_socket_directories = '$DIR'

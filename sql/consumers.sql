@@ -383,6 +383,7 @@ BEGIN
     END IF;
     SELECT * INTO j FROM queue.jobs x WHERE x.id = fail.id;
     failure := jsonb_build_object('attempt', j.attempts, 'at', clock_timestamp(),
+                                  'started_at', j.started_at,
                                   'message', left(error, current_setting('queue.max_error_length')::integer),
                                   'consumer', j.consumer)
                || queue.progress_entry(j.progress);

@@ -28,10 +28,12 @@ GRANT EXECUTE ON FUNCTION
     queue.throttle(interval), queue.throttle(uuid, uuid, interval), queue.rate_wait,
     -- schedules
     queue.schedule, queue.alter_schedule, queue.unschedule, queue.cron_next,
+    -- monitoring
+    queue.prometheus_metrics, queue.history_outcomes, queue.stats_rows,
     -- pure helpers, and what the views call
     queue.backoff, queue.uuid_generate_v7, queue.uuid_time, queue.job_transitions,
     queue.executors, queue.job_progress
 TO PUBLIC;
 
 -- Each view shows only what the current role may see (their filters are security barriers).
-GRANT SELECT ON queue.job_status, queue.stats, queue.workers, queue.schedules, queue.grants TO PUBLIC;
+GRANT SELECT ON queue.job_status, queue.stats, queue.metrics, queue.workers, queue.schedules, queue.grants TO PUBLIC;

@@ -580,38 +580,3 @@ $$;
 COMMENT ON FUNCTION queue.purge(text, interval, queue.job_state[]) IS
     'Deletes a queue''s finished jobs older than older_than (in the given terminal states) from history now, in one statement; returns how many. Retention does this by itself in batches.';
 
--- stats: one row per queue for psql admins. Counts every live job of the queue (a large
--- backlog makes it slower) and the last hour of history (by the (queue, finished_at) index).
--- Shows the queues the current role may read, and every queue to members of pg_monitor
--- (counts only: no payload is in it).
-CREATE VIEW queue.stats WITH (security_barrier) AS
-SELECT q.name AS queue, q.paused, q.is_full, q.concurrency,
-       coalesce(l.ready, 0) AS ready, coalesce(l.scheduled, 0) AS scheduled,
-       coalesce(l.running, 0) AS running, coalesce(l.waiting, 0) AS waiting, l.oldest_ready_age,
-       coalesce(h.succeeded, 0) AS succeeded_last_hour, coalesce(h.failed, 0) AS failed_last_hour,
-       coalesce(h.cancelled, 0) AS cancelled_last_hour,
-       round(coalesce(h.last_minute, 0) / 60.0, 1) AS finished_per_second_last_minute,
-       -- flow control: a throttle's cool-down in progress, and the streak that set it
-       CASE WHEN q.throttled_until > now() THEN q.throttled_until END AS throttled_until,
-       q.throttle_count AS consecutive_throttles,
-       q.rate_limit || '/' || q.rate_window AS rate_limit,
-       q.fair_share, q.key_concurrency
-  FROM queue.queues q
-  LEFT JOIN LATERAL (
-      SELECT count(*) FILTER (WHERE j.state = 'queued' AND j.run_at <= now()) AS ready,
-             count(*) FILTER (WHERE j.state = 'queued' AND j.run_at > now()) AS scheduled,
-             count(*) FILTER (WHERE j.state = 'running') AS running,
-             count(*) FILTER (WHERE j.state = 'waiting') AS waiting,
-             now() - min(j.run_at) FILTER (WHERE j.state = 'queued' AND j.run_at <= now()) AS oldest_ready_age
-        FROM queue.jobs j WHERE j.queue = q.name) l ON true
-  LEFT JOIN LATERAL (
-      SELECT count(*) FILTER (WHERE x.state = 'succeeded') AS succeeded,
-             count(*) FILTER (WHERE x.state = 'failed') AS failed,
-             count(*) FILTER (WHERE x.state = 'cancelled') AS cancelled,
-             count(*) FILTER (WHERE x.finished_at > now() - interval '1 minute') AS last_minute
-        FROM queue.history x
-       WHERE x.queue = q.name AND x.finished_at > now() - interval '1 hour') h ON true
- WHERE pg_catalog.pg_has_role(current_user, 'pg_monitor', 'USAGE')
-    OR q.name IN (SELECT p.queue FROM queue.my_privileges() p WHERE p.read);
-COMMENT ON VIEW queue.stats IS
-    'Per queue: ready, scheduled, running and waiting jobs, the age of the oldest ready one, the last hour''s outcomes and throughput, and a throttle cool-down in progress.';

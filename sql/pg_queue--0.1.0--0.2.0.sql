@@ -8,3 +8,479 @@
 \echo Use "ALTER EXTENSION pg_queue UPDATE" to load this file. \quit
 
 SET LOCAL search_path TO queue, pg_temp;
+
+-- 1. Metrics (README "Monitoring"): new tables, the rollup, the view, the Prometheus text.
+--    Copied from sql/metrics.sql as of 0.2.0; new objects only, so nothing waits on a lock.
+
+-- Metrics (README "Monitoring", docs/design.md "Metrics"): per queue and minute, what
+-- happened, rolled up by the launcher from the tables once a minute, so that reading them
+-- costs the same with 10 rows of history or 10 million.
+--
+-- Each event is counted in the minute it happened:
+--   enqueued   jobs created (the time in their UUIDv7 id);
+--   started    attempts started (a claim), by executors and consumers;
+--   succeeded, failed, cancelled   jobs that reached that final state (finished_at);
+--   retried    attempts that failed and sent their job back to the queue (their error's "at").
+-- Wait (ready → start: started_at - run_at) and run time (finished_at - started_at) are of
+-- the last attempt of the jobs finished in the minute; their p50/p95/p99 are exact
+-- (percentile_disc over that minute's jobs), their sums feed the Prometheus summaries.
+
+CREATE TABLE queue.metrics_minutes (
+    queue      text        NOT NULL,
+    minute     timestamptz NOT NULL,
+    enqueued   bigint      NOT NULL,
+    started    bigint      NOT NULL,
+    succeeded  bigint      NOT NULL,
+    failed     bigint      NOT NULL,
+    retried    bigint      NOT NULL,
+    cancelled  bigint      NOT NULL,
+    timed      bigint      NOT NULL,      -- finished jobs that started (have a wait and run time)
+    wait_sum   interval    NOT NULL,
+    run_sum    interval    NOT NULL,
+    wait_p50   interval,
+    wait_p95   interval,
+    wait_p99   interval,
+    run_p50    interval,
+    run_p95    interval,
+    run_p99    interval,
+    PRIMARY KEY (queue, minute)
+);
+
+-- Counters since the extension was created: every minute once it is final (no longer
+-- rolled up again), so Prometheus counters stay monotonic after its minute is pruned.
+CREATE TABLE queue.metrics_totals (
+    queue      text   PRIMARY KEY,
+    enqueued   bigint NOT NULL DEFAULT 0,
+    started    bigint NOT NULL DEFAULT 0,
+    succeeded  bigint NOT NULL DEFAULT 0,
+    failed     bigint NOT NULL DEFAULT 0,
+    retried    bigint NOT NULL DEFAULT 0,
+    cancelled  bigint NOT NULL DEFAULT 0,
+    timed      bigint NOT NULL DEFAULT 0,
+    wait_sum   interval NOT NULL DEFAULT '0',
+    run_sum    interval NOT NULL DEFAULT '0'
+);
+
+-- One row: minutes before `final_until` are in metrics_totals and never rolled up again;
+-- minutes before `rolled_until` are in metrics_minutes (the last few may still change).
+CREATE TABLE queue.metrics_state (
+    one          boolean PRIMARY KEY DEFAULT true CHECK (one),
+    final_until  timestamptz,
+    rolled_until timestamptz
+);
+INSERT INTO queue.metrics_state DEFAULT VALUES;
+
+-- roll_up_metrics: (re)computes every minute from `final_until` (at most an hour back) to
+-- `upto` (the launcher passes the start of the current minute, 5 s after it began), keeps
+-- minutes more than 5 minutes old as final (a transaction that commits later than that
+-- with an earlier timestamp is not counted), and prunes minutes past
+-- queue.metrics_retention. Reads history only from `final_until` on, per queue by the
+-- (queue, finished_at) index, and live jobs by their id and state indexes.
+CREATE FUNCTION queue.roll_up_metrics(upto timestamptz)
+RETURNS bigint LANGUAGE plpgsql AS $$
+DECLARE
+    st queue.metrics_state;
+    lo timestamptz;
+    fin timestamptz;
+    lo_id uuid;
+    n bigint;
+BEGIN
+    SELECT * INTO st FROM queue.metrics_state FOR UPDATE;
+    lo := date_trunc('minute', greatest(st.final_until, upto - interval '1 hour'));
+    IF lo >= upto THEN
+        RETURN 0;
+    END IF;
+    -- UUIDv7 ids begin with their creation time in Unix milliseconds.
+    lo_id := (lpad(to_hex((extract(epoch FROM lo) * 1000)::int8), 12, '0') || repeat('0', 20))::uuid;
+
+    WITH h AS (
+        SELECT x.queue, x.state, x.run_at, x.created_at, x.started_at, x.finished_at, x.attempts, x.errors
+          FROM queue.queues q
+          -- OFFSET 0 keeps this a per-queue (queue, finished_at) index scan: flattened into
+          -- a join, the planner scans whole partitions by finished_at alone.
+          JOIN LATERAL (SELECT * FROM queue.history y
+                         WHERE y.queue = q.name AND y.finished_at >= lo OFFSET 0) x ON true
+    ), live AS (
+        -- Jobs that may hold attempts since lo: running ones, and retried ones (a retry
+        -- moves run_at past the failure, so they are in jobs_scheduled_idx).
+        SELECT j.queue, j.started_at, j.errors FROM queue.jobs j WHERE j.state = 'running'
+        UNION ALL
+        SELECT j.queue, NULL, j.errors FROM queue.jobs j
+         WHERE j.state = 'queued' AND j.run_at > j.created_at AND j.run_at >= lo
+           AND j.errors <> '[]'
+    ), retries AS (
+        -- Failed attempts that had started and sent their job back: every one of a live
+        -- job, and all but the last of a finished one.
+        SELECT l.queue, (e.v->>'at')::timestamptz AS at, (e.v->>'started_at')::timestamptz AS started
+          FROM live l, jsonb_array_elements(l.errors) e(v)
+         WHERE l.errors <> '[]'
+        UNION ALL
+        SELECT h.queue, (e.v->>'at')::timestamptz, (e.v->>'started_at')::timestamptz
+          FROM h, jsonb_array_elements(h.errors) e(v)
+         WHERE h.errors <> '[]' AND (e.v->>'attempt')::int < h.attempts
+    ), parts AS (
+        -- One partial row per (queue, minute) from each source, summed below. Wait is
+        -- NULL for a job that never started (least() skips the NULL, the difference not).
+        -- date_bin, not date_trunc: no time zone arithmetic per row.
+        SELECT h.queue, date_bin('1 minute', h.finished_at, lo) AS minute, 0::int8 AS enqueued, 0::int8 AS started,
+               count(*) FILTER (WHERE h.state = 'succeeded') AS succeeded,
+               count(*) FILTER (WHERE h.state = 'failed') AS failed, 0::int8 AS retried,
+               count(*) FILTER (WHERE h.state = 'cancelled') AS cancelled,
+               count(h.started_at) AS timed,
+               coalesce(sum(h.started_at - least(h.run_at, h.started_at)), interval '0') AS wait_sum,
+               coalesce(sum(h.finished_at - h.started_at), interval '0') AS run_sum,
+               percentile_disc('{0.5,0.95,0.99}'::float8[]) WITHIN GROUP
+                   (ORDER BY h.started_at - least(h.run_at, h.started_at)) AS waits,
+               percentile_disc('{0.5,0.95,0.99}'::float8[]) WITHIN GROUP
+                   (ORDER BY h.finished_at - h.started_at) AS runs
+          FROM h WHERE h.finished_at < upto GROUP BY 1, 2
+        UNION ALL
+        -- enqueued: created_at (the enqueuing transaction's start) is at most the time in
+        -- the id, so every job created since lo has an id past lo_id.
+        SELECT c.queue, date_bin('1 minute', c.created_at, lo), count(*), 0, 0, 0, 0, 0, 0, '0', '0', NULL, NULL
+          FROM (SELECT j.queue, j.created_at FROM queue.jobs j WHERE j.id >= lo_id
+                UNION ALL
+                SELECT h.queue, h.created_at FROM h) c
+         WHERE c.created_at >= lo AND c.created_at < upto GROUP BY 1, 2
+        UNION ALL
+        SELECT s.queue, date_bin('1 minute', s.at, lo), 0, count(*), 0, 0, 0, 0, 0, '0', '0', NULL, NULL
+          FROM (SELECT h.queue, h.started_at AS at FROM h
+                UNION ALL
+                SELECT l.queue, l.started_at FROM live l
+                UNION ALL
+                SELECT r.queue, r.started FROM retries r) s
+         WHERE s.at >= lo AND s.at < upto GROUP BY 1, 2
+        UNION ALL
+        SELECT r.queue, date_bin('1 minute', r.at, lo), 0, 0, 0, 0, count(*), 0, 0, '0', '0', NULL, NULL
+          FROM retries r WHERE r.started IS NOT NULL AND r.at >= lo AND r.at < upto GROUP BY 1, 2
+    )
+    INSERT INTO queue.metrics_minutes AS m
+    SELECT p.queue, p.minute, sum(p.enqueued), sum(p.started), sum(p.succeeded), sum(p.failed),
+           sum(p.retried), sum(p.cancelled), sum(p.timed), sum(p.wait_sum), sum(p.run_sum),
+           max(p.waits[1]), max(p.waits[2]), max(p.waits[3]), max(p.runs[1]), max(p.runs[2]), max(p.runs[3])
+      FROM parts p
+     GROUP BY 1, 2
+    ON CONFLICT (queue, minute) DO UPDATE
+       SET enqueued = excluded.enqueued, started = excluded.started,
+           succeeded = excluded.succeeded, failed = excluded.failed,
+           retried = excluded.retried, cancelled = excluded.cancelled, timed = excluded.timed,
+           wait_sum = excluded.wait_sum, run_sum = excluded.run_sum,
+           wait_p50 = excluded.wait_p50, wait_p95 = excluded.wait_p95, wait_p99 = excluded.wait_p99,
+           run_p50 = excluded.run_p50, run_p95 = excluded.run_p95, run_p99 = excluded.run_p99;
+    GET DIAGNOSTICS n = ROW_COUNT;
+
+    -- Minutes more than 5 minutes old are final: counted into the totals once.
+    fin := greatest(lo, date_trunc('minute', upto - interval '5 minutes'));
+    IF fin > lo THEN
+        INSERT INTO queue.metrics_totals AS t
+        SELECT m.queue, sum(m.enqueued), sum(m.started), sum(m.succeeded), sum(m.failed),
+               sum(m.retried), sum(m.cancelled), sum(m.timed), sum(m.wait_sum), sum(m.run_sum)
+          FROM queue.metrics_minutes m
+         WHERE m.minute >= lo AND m.minute < fin
+         GROUP BY m.queue
+        ON CONFLICT (queue) DO UPDATE
+           SET enqueued = t.enqueued + excluded.enqueued, started = t.started + excluded.started,
+               succeeded = t.succeeded + excluded.succeeded, failed = t.failed + excluded.failed,
+               retried = t.retried + excluded.retried, cancelled = t.cancelled + excluded.cancelled,
+               timed = t.timed + excluded.timed, wait_sum = t.wait_sum + excluded.wait_sum,
+               run_sum = t.run_sum + excluded.run_sum;
+    END IF;
+    UPDATE queue.metrics_state
+       SET final_until = fin, rolled_until = greatest(rolled_until, upto);
+    DELETE FROM queue.metrics_minutes m
+     WHERE m.minute < upto - current_setting('queue.metrics_retention')::interval;
+    RETURN n;
+END
+$$;
+
+-- metrics: the per-minute time series, for the queues the current role may read (every
+-- queue for members of pg_monitor: counts and times only).
+CREATE VIEW queue.metrics WITH (security_barrier) AS
+SELECT m.queue, m.minute, m.enqueued, m.started, m.succeeded, m.failed, m.retried, m.cancelled,
+       m.wait_p50, m.wait_p95, m.wait_p99, m.run_p50, m.run_p95, m.run_p99
+  FROM queue.metrics_minutes m
+ WHERE pg_catalog.pg_has_role(current_user, 'pg_monitor', 'USAGE')
+    OR m.queue IN (SELECT p.queue FROM queue.my_privileges() p WHERE p.read);
+COMMENT ON VIEW queue.metrics IS
+    'Per queue and minute: jobs enqueued, attempts started, jobs succeeded, failed and cancelled, attempts retried, and wait (ready to start) and run time percentiles of the jobs finished in that minute. Rolled up by the launcher a few seconds after each minute; kept for queue.metrics_retention.';
+
+
+-- prometheus_label: a label value escaped as the exposition format wants (\, ", newline).
+CREATE FUNCTION queue.prometheus_label(v text) RETURNS text
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
+    SELECT pg_catalog.replace(pg_catalog.replace(pg_catalog.replace(v, E'\\', E'\\\\'), '"', E'\\"'), E'\n', E'\\n')
+$$;
+
+-- prometheus_metrics: the Prometheus text exposition format (version 0.0.4) of the queues
+-- the caller may read (every queue for pg_monitor): live gauges, counters since the
+-- extension was created, wait and run time summaries, executors. Reads live jobs, rollups
+-- and totals only.
+CREATE FUNCTION queue.prometheus_metrics()
+RETURNS text LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp SET jit = off AS $$
+DECLARE
+    out text[];
+    qs text[];
+    counts jsonb;
+    m record;
+BEGIN
+    SELECT coalesce(array_agg(q.name ORDER BY q.name), '{}') INTO qs
+      FROM queue.queues q
+     WHERE pg_has_role(queue.caller(), 'pg_monitor', 'USAGE')
+        OR q.name IN (SELECT p.queue FROM queue.privileges_of(queue.caller()) p WHERE p.read);
+
+    out := ARRAY['# HELP pg_queue_jobs Live jobs by queue and state (ready, scheduled, running, waiting).',
+                 '# TYPE pg_queue_jobs gauge']
+        || ARRAY(
+           SELECT format('pg_queue_jobs{queue="%s",state="%s"} %s', queue.prometheus_label(n.queue), s.state, coalesce(c.n, 0))
+             FROM unnest(qs) n(queue)
+            CROSS JOIN unnest('{ready,scheduled,running,waiting}'::text[]) s(state)
+             LEFT JOIN (SELECT j.queue,
+                               CASE WHEN j.state = 'queued' AND j.run_at > now() THEN 'scheduled'
+                                    WHEN j.state = 'queued' THEN 'ready' ELSE j.state::text END AS state,
+                               count(*) AS n
+                          FROM queue.jobs j WHERE j.queue = ANY(qs) GROUP BY 1, 2) c
+               ON c.queue = n.queue AND c.state = s.state
+            ORDER BY n.queue, s.state)
+        || ARRAY['# HELP pg_queue_oldest_ready_seconds Age of the oldest ready job (0 when none is ready).',
+                 '# TYPE pg_queue_oldest_ready_seconds gauge']
+        || ARRAY(
+           SELECT format('pg_queue_oldest_ready_seconds{queue="%s"} %s', queue.prometheus_label(n.queue),
+                         round(coalesce(extract(epoch FROM now() - min(j.run_at)), 0), 3))
+             FROM unnest(qs) n(queue)
+             LEFT JOIN queue.jobs j ON j.queue = n.queue AND j.state = 'queued' AND j.run_at <= now()
+            GROUP BY n.queue ORDER BY n.queue);
+
+    -- Counters: the final minutes' totals plus the minutes that may still be rolled up again.
+    SELECT coalesce(jsonb_agg(to_jsonb(c) ORDER BY c.queue), '[]') INTO counts
+      FROM (SELECT n.queue,
+                   coalesce(t.enqueued, 0) + coalesce(x.enqueued, 0) AS enqueued,
+                   coalesce(t.started, 0) + coalesce(x.started, 0) AS started,
+                   coalesce(t.succeeded, 0) + coalesce(x.succeeded, 0) AS succeeded,
+                   coalesce(t.failed, 0) + coalesce(x.failed, 0) AS failed,
+                   coalesce(t.retried, 0) + coalesce(x.retried, 0) AS retried,
+                   coalesce(t.cancelled, 0) + coalesce(x.cancelled, 0) AS cancelled,
+                   coalesce(t.timed, 0) + coalesce(x.timed, 0) AS timed,
+                   round(extract(epoch FROM coalesce(t.wait_sum, interval '0') + coalesce(x.wait_sum, interval '0')), 6) AS wait_sum,
+                   round(extract(epoch FROM coalesce(t.run_sum, interval '0') + coalesce(x.run_sum, interval '0')), 6) AS run_sum,
+                   l.wait_p50, l.wait_p95, l.wait_p99, l.run_p50, l.run_p95, l.run_p99
+              FROM unnest(qs) n(queue)
+              LEFT JOIN queue.metrics_totals t ON t.queue = n.queue
+              LEFT JOIN LATERAL (
+                  SELECT sum(y.enqueued) AS enqueued, sum(y.started) AS started, sum(y.succeeded) AS succeeded,
+                         sum(y.failed) AS failed, sum(y.retried) AS retried, sum(y.cancelled) AS cancelled,
+                         sum(y.timed) AS timed, sum(y.wait_sum) AS wait_sum, sum(y.run_sum) AS run_sum
+                    FROM queue.metrics_minutes y
+                   WHERE y.queue = n.queue
+                     AND y.minute >= (SELECT coalesce(s.final_until, '-infinity') FROM queue.metrics_state s)) x ON true
+              -- quantiles: the last rolled-up minute (of the last 6) in which jobs finished
+              LEFT JOIN LATERAL (
+                  SELECT extract(epoch FROM y.wait_p50) AS wait_p50, extract(epoch FROM y.wait_p95) AS wait_p95,
+                         extract(epoch FROM y.wait_p99) AS wait_p99, extract(epoch FROM y.run_p50) AS run_p50,
+                         extract(epoch FROM y.run_p95) AS run_p95, extract(epoch FROM y.run_p99) AS run_p99
+                    FROM queue.metrics_minutes y
+                   WHERE y.queue = n.queue AND y.timed > 0 AND y.minute >= now() - interval '6 minutes'
+                   ORDER BY y.minute DESC LIMIT 1) l ON true) c;
+
+    FOR m IN SELECT * FROM (VALUES
+            (1, 'enqueued', 'Jobs enqueued.'), (2, 'started', 'Attempts started.'),
+            (3, 'succeeded', 'Jobs succeeded.'), (4, 'failed', 'Jobs failed for good.'),
+            (5, 'retried', 'Failed attempts whose job was queued again.'),
+            (6, 'cancelled', 'Jobs cancelled.')) e(i, name, help) ORDER BY e.i
+    LOOP
+        out := out || format('# HELP pg_queue_%s_total %s', m.name, m.help)
+                   || format('# TYPE pg_queue_%s_total counter', m.name)
+                   || ARRAY(SELECT format('pg_queue_%s_total{queue="%s"} %s', m.name,
+                                          queue.prometheus_label(c.v->>'queue'), c.v->>m.name)
+                              FROM jsonb_array_elements(counts) WITH ORDINALITY c(v, i) ORDER BY c.i);
+    END LOOP;
+    FOR m IN SELECT * FROM (VALUES (1, 'wait', 'Time from ready to start of the jobs finished (quantiles: last minute with any).'),
+                                   (2, 'run', 'Run time of the jobs finished (quantiles: last minute with any).')) x(i, name, help)
+             ORDER BY x.i
+    LOOP
+        out := out || format('# HELP pg_queue_%s_seconds %s', m.name, m.help)
+                   || format('# TYPE pg_queue_%s_seconds summary', m.name)
+                   || ARRAY(SELECT format('pg_queue_%s_seconds{queue="%s",quantile="%s"} %s', m.name,
+                                          queue.prometheus_label(c.v->>'queue'), p.q,
+                                          round((c.v->>(m.name || '_p' || p.suffix))::numeric, 6))
+                              FROM jsonb_array_elements(counts) WITH ORDINALITY c(v, i)
+                             CROSS JOIN (VALUES (1, '0.5', '50'), (2, '0.95', '95'), (3, '0.99', '99')) p(k, q, suffix)
+                             WHERE c.v->>(m.name || '_p50') IS NOT NULL
+                             ORDER BY c.i, p.k)
+                   || ARRAY(SELECT format('pg_queue_%s_seconds_sum{queue="%s"} %s', m.name,
+                                          queue.prometheus_label(c.v->>'queue'), c.v->>(m.name || '_sum'))
+                                   || E'\n'
+                                   || format('pg_queue_%s_seconds_count{queue="%s"} %s', m.name,
+                                             queue.prometheus_label(c.v->>'queue'), c.v->>'timed')
+                              FROM jsonb_array_elements(counts) WITH ORDINALITY c(v, i) ORDER BY c.i);
+    END LOOP;
+
+    out := out || '# HELP pg_queue_executors Executors (background workers that run handlers) in this cluster.'::text
+               || '# TYPE pg_queue_executors gauge'::text
+               || format('pg_queue_executors %s', (SELECT count(*) FROM queue.executors()));
+    RETURN array_to_string(out, E'\n') || E'\n';
+END
+$$;
+COMMENT ON FUNCTION queue.prometheus_metrics() IS
+    'The Prometheus text exposition format of the queues the caller may read: live jobs by state, oldest ready age, counters of jobs enqueued/started/succeeded/failed/retried/cancelled, wait and run time summaries, executors.';
+
+-- 2. queue.stats reads the last hour from the rollups, through a function (without JIT).
+--    Dropped and created again (the same columns; nothing depends on it) within this
+--    transaction, so a reader sees the old view or the new one.
+DROP VIEW queue.stats;
+
+-- history_outcomes: a queue's jobs finished in [since, upto) by final state, for
+-- queue.stats when the rollups lag behind; NULLs for a queue the caller may not read.
+CREATE FUNCTION queue.history_outcomes(queue_name text, since timestamptz, upto timestamptz,
+                                       OUT succeeded bigint, OUT failed bigint, OUT cancelled bigint)
+RETURNS record LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF pg_has_role(queue.caller(), 'pg_monitor', 'USAGE')
+       OR queue_name IN (SELECT p.queue FROM queue.privileges_of(queue.caller()) p WHERE p.read) THEN
+        -- EXECUTE: planned with the values, so the index serves a short range.
+        EXECUTE 'SELECT count(*) FILTER (WHERE x.state = ''succeeded''),
+                        count(*) FILTER (WHERE x.state = ''failed''),
+                        count(*) FILTER (WHERE x.state = ''cancelled'')
+                   FROM queue.history x
+                  WHERE x.queue = $1 AND x.finished_at >= $2 AND x.finished_at < $3'
+           INTO succeeded, failed, cancelled USING queue_name, since, upto;
+    END IF;
+END
+$$;
+
+-- stats: one row per queue for psql admins. Counts every live job of the queue (a large
+-- backlog makes it slower); the last hour's outcomes come from the rollups plus the
+-- history rows not rolled up yet (the last minute or so), so history's size costs nothing.
+-- Shows the queues the caller may read, and every queue to members of pg_monitor (counts
+-- only: no payload is in it). A view over a function because the function can turn JIT
+-- off: the planner's cost of this query grows with the number of queues (and with
+-- estimates on tables autovacuum rarely analyses) past jit_above_cost, and compiling it
+-- took 40-700 ms for a query that runs in one.
+CREATE FUNCTION queue.stats_rows()
+RETURNS TABLE (queue text, paused boolean, is_full boolean, concurrency integer,
+               ready bigint, scheduled bigint, running bigint, waiting bigint,
+               oldest_ready_age interval, succeeded_last_hour bigint, failed_last_hour bigint,
+               cancelled_last_hour bigint, finished_per_second_last_minute numeric,
+               throttled_until timestamptz, consecutive_throttles integer, rate_limit text,
+               fair_share boolean, key_concurrency integer)
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp SET jit = off AS $$
+BEGIN
+    RETURN QUERY
+    SELECT q.name AS queue, q.paused, q.is_full, q.concurrency,
+           coalesce(l.ready, 0) AS ready, coalesce(l.scheduled, 0) AS scheduled,
+           coalesce(l.running, 0) AS running, coalesce(l.waiting, 0) AS waiting, l.oldest_ready_age,
+           (coalesce(r.succeeded, 0) + coalesce(h.succeeded, 0) + coalesce(g.succeeded, 0))::bigint,
+           (coalesce(r.failed, 0) + coalesce(h.failed, 0) + coalesce(g.failed, 0))::bigint,
+           (coalesce(r.cancelled, 0) + coalesce(h.cancelled, 0) + coalesce(g.cancelled, 0))::bigint,
+           round(coalesce(h.last_minute, 0) / 60.0, 1) AS finished_per_second_last_minute,
+           -- flow control: a throttle's cool-down in progress, and the streak that set it
+           CASE WHEN q.throttled_until > now() THEN q.throttled_until END AS throttled_until,
+           q.throttle_count AS consecutive_throttles,
+           q.rate_limit || '/' || q.rate_window AS rate_limit,
+           q.fair_share, q.key_concurrency
+      FROM queue.queues q
+      LEFT JOIN LATERAL (
+          SELECT count(*) FILTER (WHERE j.state = 'queued' AND j.run_at <= now()) AS ready,
+                 count(*) FILTER (WHERE j.state = 'queued' AND j.run_at > now()) AS scheduled,
+                 count(*) FILTER (WHERE j.state = 'running') AS running,
+                 count(*) FILTER (WHERE j.state = 'waiting') AS waiting,
+                 now() - min(j.run_at) FILTER (WHERE j.state = 'queued' AND j.run_at <= now()) AS oldest_ready_age
+            FROM queue.jobs j WHERE j.queue = q.name) l ON true
+      LEFT JOIN LATERAL (
+          SELECT sum(m.succeeded) AS succeeded, sum(m.failed) AS failed, sum(m.cancelled) AS cancelled
+            FROM queue.metrics_minutes m
+           WHERE m.queue = q.name AND m.minute >= now() - interval '1 hour'
+             AND m.minute < (SELECT greatest(s.rolled_until, now() - interval '1 hour') FROM queue.metrics_state s)) r ON true
+      LEFT JOIN LATERAL (
+          -- History not rolled up yet. While the launcher keeps up, that is less than the last
+          -- 2 minutes, a bound the planner can estimate (few rows: the index).
+          SELECT count(*) FILTER (WHERE x.state = 'succeeded' AND x.finished_at >= u.since) AS succeeded,
+                 count(*) FILTER (WHERE x.state = 'failed' AND x.finished_at >= u.since) AS failed,
+                 count(*) FILTER (WHERE x.state = 'cancelled' AND x.finished_at >= u.since) AS cancelled,
+                 count(*) FILTER (WHERE x.finished_at > now() - interval '1 minute') AS last_minute
+            FROM (SELECT (SELECT greatest(s.rolled_until, now() - interval '1 hour') FROM queue.metrics_state s)
+                         AS since) u, queue.history x
+           WHERE x.queue = q.name AND x.finished_at >= now() - interval '2 minutes') h ON true
+      LEFT JOIN LATERAL (
+          -- The scheduler is behind (stopped, or busy for minutes): the rest, read only then
+          -- (a one-time filter), and by a function so that the planner does not cost a scan
+          -- it cannot estimate.
+          SELECT o.succeeded, o.failed, o.cancelled
+            FROM queue.history_outcomes(q.name,
+                     (SELECT greatest(s.rolled_until, now() - interval '1 hour') FROM queue.metrics_state s),
+                     now() - interval '2 minutes') o
+           WHERE (SELECT greatest(s.rolled_until, now() - interval '1 hour') FROM queue.metrics_state s)
+                 < now() - interval '2 minutes') g ON true
+     WHERE pg_has_role(queue.caller(), 'pg_monitor', 'USAGE')
+        OR q.name IN (SELECT p.queue FROM queue.privileges_of(queue.caller()) p WHERE p.read)
+     ORDER BY q.name;
+END
+$$;
+
+CREATE VIEW queue.stats AS SELECT * FROM queue.stats_rows();
+COMMENT ON VIEW queue.stats IS
+    'Per queue: ready, scheduled, running and waiting jobs, the age of the oldest ready one, the last hour''s outcomes and throughput, and a throttle cool-down in progress.';
+
+-- 3. A consumer's failed attempt records when it started (for the "started" and "retried"
+--    counts): queue.fail as of 0.2.0. CREATE OR REPLACE keeps its grants and comment.
+CREATE OR REPLACE FUNCTION queue.fail(id uuid, lease_token uuid, error text, retry_in interval DEFAULT NULL)
+RETURNS boolean LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    q queue.queues;
+    j queue.jobs;
+    failure jsonb;
+BEGIN
+    PERFORM queue.check_fence(id, lease_token);
+    IF error IS NULL THEN
+        RAISE EXCEPTION 'error must not be NULL' USING ERRCODE = 'null_value_not_allowed',
+            HINT = 'Say why the attempt failed; it is kept in the job''s errors.';
+    ELSIF retry_in < interval '0' THEN
+        RAISE EXCEPTION 'retry_in must not be negative, not %', retry_in
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF queue.consumed_job(id, lease_token, true) IS NULL THEN
+        RETURN false;
+    END IF;
+    SELECT * INTO j FROM queue.jobs x WHERE x.id = fail.id;
+    failure := jsonb_build_object('attempt', j.attempts, 'at', clock_timestamp(),
+                                  'started_at', j.started_at,
+                                  'message', left(error, current_setting('queue.max_error_length')::integer),
+                                  'consumer', j.consumer)
+               || queue.progress_entry(j.progress);
+    IF j.attempts < j.max_attempts THEN
+        SELECT * INTO q FROM queue.queues x WHERE x.name = j.queue;
+        UPDATE queue.jobs x
+           SET state = 'queued', started_at = NULL, worker_pid = NULL, consumer = NULL,
+               lease = NULL, lease_expires_at = NULL, lease_token = NULL, progress = NULL,
+               errors = x.errors || failure,
+               run_at = clock_timestamp() + coalesce(retry_in, queue.backoff(q.backoff_base, q.backoff_max, j.attempts))
+         WHERE x.id = j.id
+        RETURNING x.run_at INTO j.run_at;
+        IF j.run_at <= clock_timestamp() THEN
+            PERFORM queue.announce(q, 1, j.id);     -- later ones the launcher announces
+        END IF;
+    ELSE
+        WITH d AS (DELETE FROM queue.jobs x WHERE x.id = j.id RETURNING x.*)
+        INSERT INTO queue.history (id, queue, state, payload, enqueued_by, unique_key, depends_on, on_dependency_failure, priority, run_at, attempts,
+                                   max_attempts, timeout, created_at, started_at, finished_at, worker_pid,
+                                   consumer, progress, snoozes, fair_key, errors)
+        SELECT d.id, d.queue, 'failed', d.payload, d.enqueued_by, d.unique_key, d.depends_on, d.on_dependency_failure, d.priority, d.run_at, d.attempts,
+               d.max_attempts, d.timeout, d.created_at, d.started_at, clock_timestamp(), d.worker_pid,
+               d.consumer, d.progress, d.snoozes, d.fair_key, d.errors || failure
+          FROM d;
+    END IF;
+    RETURN true;
+END
+$$;
+
+-- 4. Privileges, as sql/finalize.sql leaves them on a fresh install: nothing for PUBLIC but
+--    the monitoring views and the Prometheus function.
+REVOKE ALL ON queue.metrics_minutes, queue.metrics_totals, queue.metrics_state,
+              queue.metrics, queue.stats FROM PUBLIC;
+REVOKE ALL ON FUNCTION queue.roll_up_metrics(timestamptz), queue.prometheus_label(text),
+                       queue.prometheus_metrics(),
+                       queue.history_outcomes(text, timestamptz, timestamptz),
+                       queue.stats_rows() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION queue.prometheus_metrics(),
+                          queue.history_outcomes(text, timestamptz, timestamptz),
+                          queue.stats_rows() TO PUBLIC;
+GRANT SELECT ON queue.stats, queue.metrics TO PUBLIC;

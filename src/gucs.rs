@@ -4,11 +4,16 @@ use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
 use std::ffi::CString;
 use std::time::Duration;
 
-/// Database the launcher connects to and whose queues the executors serve.
-static DATABASE: GucSetting<Option<CString>> =
-    GucSetting::<Option<CString>>::new(Some(c"postgres"));
-/// Most executors (dynamic background workers) the launcher runs at once.
+/// The databases served: a comma-separated allow-list; empty serves every database that
+/// has the extension.
+static DATABASES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// Deprecated (before 0.2.0 the one database served): an allow-list of one, when
+/// `queue.databases` is empty.
+static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// Most executors (dynamic background workers) in the cluster, shared by the databases.
 static MAX_WORKERS: GucSetting<i32> = GucSetting::<i32>::new(2);
+/// Most executors one database gets.
+static MAX_WORKERS_PER_DATABASE: GucSetting<i32> = GucSetting::<i32>::new(MAX_EXECUTORS as i32);
 /// Longest an idle executor sleeps before looking for work: the fallback when no wake-up came.
 static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 /// Most jobs an executor claims, runs and completes in one transaction.
@@ -20,6 +25,9 @@ static BATCH_TIME_MS: GucSetting<i32> = GucSetting::<i32>::new(50);
 static SHUTDOWN_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5000);
 /// How often the launcher runs its maintenance duties (reaping, partitions).
 static MAINTENANCE_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
+/// How long per-minute metrics (`queue.metrics`) are kept, in minutes. Read by the SQL that
+/// prunes them with current_setting().
+static METRICS_RETENTION_MIN: GucSetting<i32> = GucSetting::<i32>::new(7 * 24 * 60);
 
 /// Largest payload `enqueue` accepts, in bytes (`pg_column_size` of the jsonb). A queue's
 /// `max_payload_size` may only be lower.
@@ -41,11 +49,30 @@ pub const MAX_BATCH: i32 = 64;
 pub fn init() {
     GucRegistry::define_int_guc(
         c"queue.max_workers",
-        c"Maximum number of pg_queue executors.",
-        c"Each executor is a background worker: keep max_worker_processes above this.",
+        c"Maximum number of pg_queue executors in the cluster, shared by its databases.",
+        c"Each executor is a background worker: keep max_worker_processes above this plus \
+          one scheduler per database served plus the launcher.",
         &MAX_WORKERS,
         0,
         MAX_EXECUTORS as i32,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"queue.max_workers_per_database",
+        c"Maximum number of pg_queue executors one database gets.",
+        c"",
+        &MAX_WORKERS_PER_DATABASE,
+        1,
+        MAX_EXECUTORS as i32,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"queue.databases",
+        c"Databases pg_queue serves (comma-separated); empty: every database with the extension.",
+        c"Templates and databases that do not allow connections are never served.",
+        &DATABASES,
         GucContext::Sighup,
         GucFlags::default(),
     );
@@ -98,6 +125,16 @@ pub fn init() {
         3_600_000,
         GucContext::Sighup,
         GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"queue.metrics_retention",
+        c"How long the launcher keeps per-minute metrics (queue.metrics).",
+        c"Older minutes are deleted; the counters of queue.prometheus_metrics() keep counting.",
+        &METRICS_RETENTION_MIN,
+        60,
+        366 * 24 * 60,
+        GucContext::Sighup,
+        GucFlags::UNIT_MIN,
     );
     init_limits();
 }
@@ -154,7 +191,7 @@ fn init_limits() {
 pub fn init_postmaster() {
     GucRegistry::define_string_guc(
         c"queue.database",
-        c"Database whose queues pg_queue's workers serve.",
+        c"Deprecated: use queue.databases. The one database served, when that is empty.",
         c"",
         &DATABASE,
         GucContext::Postmaster,
@@ -162,11 +199,19 @@ pub fn init_postmaster() {
     );
 }
 
-pub fn database() -> String {
-    DATABASE
-        .get()
-        .and_then(|s| s.into_string().ok())
-        .unwrap_or_else(|| "postgres".into())
+/// The allow-list of databases to serve; None serves every database.
+pub fn databases() -> Option<Vec<String>> {
+    let text = |g: &GucSetting<Option<CString>>| {
+        g.get()
+            .and_then(|s| s.into_string().ok())
+            .filter(|s| !s.trim().is_empty())
+    };
+    let list = text(&DATABASES).or_else(|| text(&DATABASE))?;
+    Some(list.split(',').map(|d| d.trim().to_string()).collect())
+}
+
+pub fn max_workers_per_database() -> usize {
+    MAX_WORKERS_PER_DATABASE.get().max(0) as usize
 }
 
 pub fn max_workers() -> usize {

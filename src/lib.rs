@@ -11,7 +11,9 @@
 //! - **lease token**: a uuid that fences every transition out of `running`: a stale owner's
 //!   completion matches no row.
 //! - **executor**: a dynamic background worker that claims jobs and runs handlers.
-//! - **launcher**: the static background worker that starts executors and runs maintenance.
+//! - **launcher**: the static background worker (one per cluster) that starts a scheduler
+//!   in every database with the extension.
+//! - **scheduler**: a database's background worker: maintenance, cron, and its executors.
 //! - **reap**: returning the jobs of an executor that died to `queued` (or `failed`).
 //!
 //! - **owner** (of a queue or schedule): the role that created it; handlers and schedules
@@ -90,6 +92,11 @@ extension_sql_file!(
     name = "schedules",
     requires = ["jobs", cron::cron_next]
 );
+extension_sql_file!(
+    "../sql/metrics.sql",
+    name = "metrics",
+    requires = ["consumers", "flow", "fair"]
+);
 extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 
 /// Called in every process that loads the library. Settings that can change at run time are
@@ -107,6 +114,7 @@ pub extern "C-unwind" fn _PG_init() {
     shmem::init();
     rate::init();
     worker::launcher::register();
+    worker::launcher::init_hooks();
 }
 
 #[cfg(any(test, feature = "pg_test"))]
@@ -120,7 +128,7 @@ pub mod pg_test {
     pub fn postgresql_conf_options() -> Vec<&'static str> {
         vec![
             "shared_preload_libraries = 'pg_queue'",
-            "queue.database = 'pgrx_tests'",
+            "queue.databases = 'pgrx_tests'",
         ]
     }
 }

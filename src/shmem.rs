@@ -1,5 +1,6 @@
 //! Shared memory: the registry of live executors, used to wake idle executors when an
-//! enqueue commits and to tell the reaper which executors are alive.
+//! enqueue commits and to tell the reaper which executors are alive, and the databases the
+//! launcher serves (one scheduler each).
 //!
 //! Nothing here is job state: every job's state is in the tables. The registry only holds
 //! who is alive and who sleeps, and the progress its running handler last reported (read
@@ -9,15 +10,18 @@
 use crate::gucs::MAX_EXECUTORS;
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PGRXSharedMemory, PgAtomic};
-use std::sync::atomic::{fence, AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicI32, AtomicI64, AtomicU32, AtomicU64, Ordering};
 
 /// Largest progress report, in bytes of JSON text (`queue.set_progress`, `heartbeat`).
 pub const MAX_PROGRESS_SIZE: usize = 2048;
 const PROGRESS_WORDS: usize = MAX_PROGRESS_SIZE / 8;
 
-/// One executor's entry. `pid == 0` means the slot is free.
+/// One executor's entry. `pid == 0` means the slot is free; a negative pid means the
+/// scheduler of that pid reserved it and is starting an executor there.
 pub struct Slot {
     pid: AtomicI32,
+    /// The database the executor serves.
+    db: AtomicU32,
     procno: AtomicI32,
     /// Set by the executor before it looks for work and cleared by whoever wakes it, so
     /// an enqueue wakes a sleeping executor rather than one busy with a long handler.
@@ -111,6 +115,50 @@ impl Progress {
 
 pub struct Registry {
     slots: [Slot; MAX_EXECUTORS],
+    databases: [Database; MAX_DATABASES],
+    /// The launcher's pgprocno, for setting its latch (-1 before it started).
+    launcher_procno: AtomicI32,
+}
+
+/// Most databases the launcher serves at once.
+pub const MAX_DATABASES: usize = 64;
+
+/// One database the launcher knows. `oid == 0` means the entry is free. Only the launcher
+/// takes and frees entries; schedulers and backends change `state` of their own database.
+pub struct Database {
+    oid: AtomicU32,
+    state: AtomicU32,
+    /// The scheduler's pid while one runs.
+    pid: AtomicI32,
+    /// A scheduler is not started before this (ms since the epoch): after one stopped, or
+    /// while a DROP DATABASE is under way.
+    not_before_ms: AtomicI64,
+}
+
+/// What the launcher knows of a database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DbState {
+    /// A scheduler should run (to find out whether the extension is there, and serve it).
+    Wanted = 1,
+    /// A scheduler was started and looks for the extension.
+    Started = 2,
+    /// Its scheduler serves it: the extension is installed.
+    Serving = 3,
+    /// No extension there: nothing runs until CREATE EXTENSION (or a restart).
+    Absent = 4,
+}
+
+impl DbState {
+    fn from(v: u32) -> Option<DbState> {
+        [
+            DbState::Wanted,
+            DbState::Started,
+            DbState::Serving,
+            DbState::Absent,
+        ]
+        .into_iter()
+        .find(|s| *s as u32 == v)
+    }
 }
 
 // SAFETY: only atomics, no pointers: valid in every process that maps the segment.
@@ -121,6 +169,7 @@ impl Registry {
         Registry {
             slots: std::array::from_fn(|_| Slot {
                 pid: AtomicI32::new(0),
+                db: AtomicU32::new(0),
                 procno: AtomicI32::new(-1),
                 idle: AtomicBool::new(false),
                 id_hi: AtomicU64::new(0),
@@ -129,8 +178,35 @@ impl Registry {
                 cancel_lo: AtomicU64::new(0),
                 progress: Progress::new(),
             }),
+            databases: std::array::from_fn(|_| Database {
+                oid: AtomicU32::new(0),
+                state: AtomicU32::new(0),
+                pid: AtomicI32::new(0),
+                not_before_ms: AtomicI64::new(0),
+            }),
+            launcher_procno: AtomicI32::new(-1),
         }
     }
+}
+
+/// The database this process is connected to (0: none, as the launcher).
+fn my_db() -> u32 {
+    // SAFETY: set once a process connected to a database; InvalidOid (0) before.
+    unsafe { pg_sys::MyDatabaseId }.to_u32()
+}
+
+/// This process's pid.
+fn my_pid() -> i32 {
+    // SAFETY: MyProcPid is set at process start and never changes.
+    unsafe { pg_sys::MyProcPid }
+}
+
+/// Whether process `pid` exists (signal 0 only checks).
+pub fn alive(pid: i32) -> bool {
+    // SAFETY: signal 0 sends nothing.
+    pid > 0
+        && !(unsafe { libc::kill(pid, 0) } != 0
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH))
 }
 
 static REGISTRY: PgAtomic<Registry> = unsafe { PgAtomic::new(c"pg_queue_registry") };
@@ -161,9 +237,8 @@ pub fn register_executor(slot: usize, id: uuid::Uuid) -> bool {
     let procno = unsafe { (*pg_sys::MyProc).pgprocno };
     slot.procno.store(procno, Ordering::Relaxed);
     slot.idle.store(false, Ordering::Relaxed);
-    // SAFETY: MyProcPid is set at process start and never changes.
-    slot.pid
-        .store(unsafe { pg_sys::MyProcPid }, Ordering::Release);
+    slot.db.store(my_db(), Ordering::Relaxed);
+    slot.pid.store(my_pid(), Ordering::Release);
     true
 }
 
@@ -200,17 +275,18 @@ pub struct ExecutorInfo {
     pub id: uuid::Uuid,
 }
 
-/// Every registered executor.
+/// Every registered executor of this process's database.
 pub fn executors() -> Vec<ExecutorInfo> {
     let Some(r) = registry() else {
         return Vec::new();
     };
+    let db = my_db();
     r.slots
         .iter()
         .enumerate()
         .filter_map(|(slot, s)| {
             let pid = s.pid.load(Ordering::Acquire);
-            (pid != 0).then(|| ExecutorInfo {
+            (pid > 0 && s.db.load(Ordering::Relaxed) == db).then(|| ExecutorInfo {
                 slot,
                 pid,
                 idle: s.idle.load(Ordering::Relaxed),
@@ -223,18 +299,20 @@ pub fn executors() -> Vec<ExecutorInfo> {
         .collect()
 }
 
-/// Sets the latch of up to `n` idle executors. Called after the enqueueing transaction
-/// committed, so that the woken executors' next snapshot sees the jobs.
+/// Sets the latch of up to `n` idle executors of this database. Called after the
+/// enqueueing transaction committed, so that the woken executors' next snapshot sees the
+/// jobs.
 pub fn wake_idle_executors(n: usize) {
     let Some(r) = registry() else {
         return;
     };
+    let db = my_db();
     let mut woken = 0;
     for s in r.slots.iter() {
         if woken >= n {
             break;
         }
-        if s.pid.load(Ordering::Acquire) == 0 {
+        if s.pid.load(Ordering::Acquire) <= 0 || s.db.load(Ordering::Relaxed) != db {
             continue;
         }
         if s.idle
@@ -252,8 +330,9 @@ pub fn wake_idle_executors(n: usize) {
     }
 }
 
-/// Registry slots in use: (slot, pid).
-pub fn occupied_slots() -> Vec<(usize, i32)> {
+/// Registry slots in use by database `db`: (slot, pid), the pid negative while its
+/// scheduler starts an executor there.
+pub fn occupied_slots(db: u32) -> Vec<(usize, i32)> {
     let Some(r) = registry() else {
         return Vec::new();
     };
@@ -262,19 +341,54 @@ pub fn occupied_slots() -> Vec<(usize, i32)> {
         .enumerate()
         .filter_map(|(i, s)| {
             let pid = s.pid.load(Ordering::Acquire);
-            (pid != 0).then_some((i, pid))
+            (pid != 0 && s.db.load(Ordering::Relaxed) == db).then_some((i, pid))
         })
         .collect()
 }
 
-/// Marks `slot` as taken by a just-started executor before it registers itself, so the
-/// launcher does not start a second one there.
-pub fn reserve_slot(slot: usize, pid: i32) {
+/// Takes a free slot for an executor this scheduler is about to start, marked with the
+/// scheduler's negated pid until the executor registers. None when every slot is taken.
+pub fn reserve_slot() -> Option<usize> {
+    let r = registry()?;
+    let mine = -my_pid();
+    r.slots.iter().enumerate().find_map(|(i, s)| {
+        s.pid
+            .compare_exchange(0, mine, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+            .then(|| {
+                s.db.store(my_db(), Ordering::Relaxed);
+                s.id_hi.store(0, Ordering::Relaxed);
+                s.id_lo.store(0, Ordering::Relaxed);
+                i
+            })
+    })
+}
+
+/// After the executor started: its pid in the slot, unless it registered itself already.
+pub fn confirm_slot(slot: usize, pid: i32) {
     if let Some(s) = registry().and_then(|r| r.slots.get(slot)) {
         let _ = s
             .pid
-            .compare_exchange(0, pid, Ordering::AcqRel, Ordering::Relaxed);
+            .compare_exchange(-my_pid(), pid, Ordering::AcqRel, Ordering::Relaxed);
     }
+}
+
+/// Frees the slots of `db` whose process is gone without saying so (it died before it
+/// could run its exit callback, or its scheduler died while starting it).
+pub fn forget_dead_executors(db: u32) {
+    for (slot, pid) in occupied_slots(db) {
+        if !alive(pid.abs()) {
+            release_executor(slot, pid);
+        }
+    }
+}
+
+/// The pids of the executors of database `db`.
+pub fn executor_pids(db: u32) -> Vec<i32> {
+    occupied_slots(db)
+        .into_iter()
+        .filter_map(|(_, pid)| (pid > 0).then_some(pid))
+        .collect()
 }
 
 /// Asks the executor with `pid` to cancel `job`: records the request in its slot, then
@@ -287,7 +401,7 @@ pub fn request_cancel(pid: i32, job: uuid::Uuid) -> bool {
     let Some(s) = r
         .slots
         .iter()
-        .find(|s| pid != 0 && s.pid.load(Ordering::Acquire) == pid)
+        .find(|s| pid > 0 && s.pid.load(Ordering::Acquire) == pid)
     else {
         return false;
     };
@@ -320,11 +434,188 @@ pub fn progress(executor: uuid::Uuid, job: uuid::Uuid) -> Option<String> {
     let (hi, lo) = executor.as_u64_pair();
     let r = registry()?;
     let s = r.slots.iter().find(|s| {
-        s.pid.load(Ordering::Acquire) != 0
+        s.pid.load(Ordering::Acquire) > 0
             && s.id_hi.load(Ordering::Relaxed) == hi
             && s.id_lo.load(Ordering::Relaxed) == lo
     })?;
     s.progress.read(job)
+}
+
+// -- databases: the launcher's table --------------------------------------------------
+
+fn databases() -> impl Iterator<Item = &'static Database> {
+    registry().into_iter().flat_map(|r| r.databases.iter())
+}
+
+fn database(oid: u32) -> Option<&'static Database> {
+    databases().find(|d| oid != 0 && d.oid.load(Ordering::Acquire) == oid)
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// The launcher: records itself, so that backends can wake it.
+pub fn set_launcher() {
+    if let Some(r) = registry() {
+        // SAFETY: MyProc is set for every background worker after InitProcess.
+        let procno = unsafe { (*pg_sys::MyProc).pgprocno };
+        r.launcher_procno.store(procno, Ordering::Release);
+    }
+}
+
+/// Sets the launcher's latch: something it should act on changed.
+pub fn wake_launcher() {
+    if let Some(r) = registry() {
+        let procno = r.launcher_procno.load(Ordering::Acquire);
+        if procno >= 0 {
+            // SAFETY: as in wake_idle_executors.
+            unsafe { pg_sys::ProcSendSignal(procno) };
+        }
+    }
+}
+
+/// The launcher, after listing the databases to serve: forgets the others and adds the new
+/// ones, wanted. Returns the pids of the forgotten ones' schedulers and executors (to be
+/// stopped) and the databases that found no free entry.
+pub fn sync_databases(present: &[u32]) -> (Vec<i32>, Vec<u32>) {
+    let mut stop = Vec::new();
+    for d in databases() {
+        let oid = d.oid.load(Ordering::Acquire);
+        if oid != 0 && !present.contains(&oid) {
+            stop.extend(d_pid(d));
+            stop.extend(executor_pids(oid));
+            d.oid.store(0, Ordering::Release);
+        }
+    }
+    let mut full = Vec::new();
+    for &oid in present {
+        if database(oid).is_some() {
+            continue;
+        }
+        let free = databases().find(|d| d.oid.load(Ordering::Acquire) == 0);
+        match free {
+            Some(d) => {
+                d.state.store(DbState::Wanted as u32, Ordering::Relaxed);
+                d.pid.store(0, Ordering::Relaxed);
+                d.not_before_ms.store(0, Ordering::Relaxed);
+                d.oid.store(oid, Ordering::Release);
+            }
+            None => full.push(oid),
+        }
+    }
+    (stop, full)
+}
+
+fn d_pid(d: &Database) -> Option<i32> {
+    let pid = d.pid.load(Ordering::Acquire);
+    (pid > 0).then_some(pid)
+}
+
+/// The launcher: databases that want a scheduler now.
+pub fn wanted_databases() -> Vec<u32> {
+    let now = now_ms();
+    databases()
+        .filter(|d| {
+            d.state.load(Ordering::Acquire) == DbState::Wanted as u32
+                && d.not_before_ms.load(Ordering::Relaxed) <= now
+        })
+        .map(|d| d.oid.load(Ordering::Acquire))
+        .filter(|&oid| oid != 0)
+        .collect()
+}
+
+/// The launcher started the scheduler `pid` for `oid`.
+pub fn scheduler_started(oid: u32, pid: i32) {
+    if let Some(d) = database(oid) {
+        d.pid.store(pid, Ordering::Release);
+        let _ = d.state.compare_exchange(
+            DbState::Wanted as u32,
+            DbState::Started as u32,
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        );
+    }
+}
+
+/// The launcher: a scheduler that is gone without saying the extension is absent (it
+/// failed, or was stopped) is started again after `delay_ms`.
+pub fn restart_dead_schedulers(delay_ms: i64) {
+    for d in databases() {
+        let state = DbState::from(d.state.load(Ordering::Acquire));
+        if matches!(state, Some(DbState::Started | DbState::Serving)) {
+            if let Some(pid) = d_pid(d) {
+                if alive(pid) {
+                    continue;
+                }
+            }
+            d.pid.store(0, Ordering::Relaxed);
+            d.not_before_ms
+                .fetch_max(now_ms() + delay_ms, Ordering::AcqRel);
+            d.state.store(DbState::Wanted as u32, Ordering::Release);
+        }
+    }
+}
+
+/// A scheduler: what it found in its database (Serving or Absent).
+pub fn set_database_state(state: DbState) {
+    if let Some(d) = database(my_db()) {
+        d.state.store(state as u32, Ordering::Release);
+    }
+}
+
+/// The databases being served, in oid order (every scheduler computes its share of the
+/// executors from the same list).
+pub fn serving_databases() -> Vec<u32> {
+    let mut v: Vec<u32> = databases()
+        .filter(|d| d.state.load(Ordering::Acquire) == DbState::Serving as u32)
+        .map(|d| d.oid.load(Ordering::Acquire))
+        .filter(|&oid| oid != 0)
+        .collect();
+    v.sort_unstable();
+    v
+}
+
+/// A backend after CREATE EXTENSION pg_queue committed: the launcher starts a scheduler
+/// for this database at once.
+pub fn want_this_database() {
+    if let Some(d) = database(my_db()) {
+        let _ = d.state.compare_exchange(
+            DbState::Absent as u32,
+            DbState::Wanted as u32,
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        );
+        d.not_before_ms.store(0, Ordering::Relaxed);
+    }
+    wake_launcher();
+}
+
+/// Before a DROP DATABASE (or another command that needs the database to itself): keeps
+/// the launcher from starting a scheduler there for `hold_ms`, and returns the pids of the
+/// scheduler and executors connected to it, to be stopped.
+pub fn evict_database(oid: u32, hold_ms: i64) -> Vec<i32> {
+    // Reserved slots carry their scheduler's negated pid: that scheduler is stopped too.
+    let mut pids: Vec<i32> = occupied_slots(oid)
+        .into_iter()
+        .map(|(_, p)| p.abs())
+        .collect();
+    if let Some(d) = database(oid) {
+        d.not_before_ms.store(now_ms() + hold_ms, Ordering::Release);
+        pids.extend(d_pid(d));
+        d.state.store(DbState::Wanted as u32, Ordering::Release);
+    }
+    pids
+}
+
+/// After the command that needed database `oid` to itself: no more hold.
+pub fn release_database(oid: u32) {
+    if let Some(d) = database(oid) {
+        d.not_before_ms.store(0, Ordering::Release);
+    }
+    wake_launcher();
 }
 
 #[cfg(any(test, feature = "pg_test"))]

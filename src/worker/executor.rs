@@ -510,7 +510,8 @@ WITH o AS (
            attempts = j.attempts - (o.error IS NULL)::int,
            snoozes = j.snoozes + (o.signal IS NOT DISTINCT FROM 'snooze')::int,
            errors = CASE WHEN o.error IS NULL THEN j.errors
-                         ELSE j.errors || (o.error || jsonb_build_object('at', clock_timestamp())) END,
+                         ELSE j.errors || (o.error || jsonb_build_object('at', clock_timestamp(),
+                                                                         'started_at', j.started_at)) END,
            run_at = CASE WHEN o.signal = 'snooze' THEN clock_timestamp() + o.delay
                          WHEN o.signal = 'throttle' THEN clock_timestamp() + (
                              SELECT queue.cooldown(q, o.delay) FROM queue.queues q WHERE q.name = j.queue)
@@ -535,7 +536,8 @@ WITH o AS (
     SELECT id, queue, new_state, payload, enqueued_by, unique_key, depends_on, on_dependency_failure, priority, run_at, attempts, max_attempts, timeout,
            created_at, started_at, clock_timestamp(), worker_pid, new_result, new_progress, snoozes, fair_key,
            CASE WHEN new_error IS NULL THEN errors
-                ELSE errors || (new_error || jsonb_build_object('at', clock_timestamp())) END
+                ELSE errors || (new_error || jsonb_build_object('at', clock_timestamp(),
+                                                                'started_at', started_at)) END
       FROM finished
     RETURNING 1
 ), flow AS (

@@ -36,6 +36,7 @@ WITH dead AS (
        SET state = 'queued', started_at = NULL, worker_pid = NULL, worker_id = NULL,
            consumer = NULL, lease = NULL, lease_expires_at = NULL, lease_token = NULL, progress = NULL,
            errors = j.errors || (jsonb_build_object('attempt', j.attempts, 'at', clock_timestamp(),
+                                                    'started_at', j.started_at,
                                                     'sqlstate', 'XX000', 'message', dead.message,
                                                     'worker_pid', j.worker_pid)
                                  || queue.progress_entry(j.progress)),
@@ -56,6 +57,7 @@ WITH dead AS (
     SELECT id, queue, 'failed', payload, enqueued_by, unique_key, depends_on, on_dependency_failure, priority, run_at, attempts, max_attempts, timeout,
            created_at, started_at, clock_timestamp(), worker_pid, consumer, progress, snoozes, fair_key,
            errors || (jsonb_build_object('attempt', attempts, 'at', clock_timestamp(),
+                                         'started_at', started_at,
                                          'sqlstate', 'XX000', 'message', message,
                                          'worker_pid', worker_pid)
                       || queue.progress_entry(progress))

@@ -1,12 +1,15 @@
-//! Background processes: the launcher (static worker, maintenance duties) and executors
-//! (dynamic workers that run handlers), plus the transaction, subtransaction, timeout and
+//! Background processes: the launcher (static worker, one per cluster: a scheduler per
+//! database), schedulers (maintenance duties of one database) and executors (dynamic
+//! workers that run handlers), plus the transaction, subtransaction, timeout and
 //! signal plumbing they share.
 
 pub mod executor;
 pub mod launcher;
 pub mod maintenance;
+mod metrics;
 mod plans;
 pub mod retention;
+pub mod scheduler;
 pub mod schema;
 pub use plans::kept;
 

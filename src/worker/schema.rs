@@ -21,6 +21,17 @@ pub enum Schema {
     Unknown(String),
 }
 
+impl Schema {
+    /// Whether the objects added by `version` exist: work that needs them waits for the
+    /// update.
+    pub fn has(&self, version: &str) -> bool {
+        match self {
+            Schema::Served(v) => version_key(v) >= version_key(version),
+            _ => false,
+        }
+    }
+}
+
 pub fn current() -> Schema {
     let found = transaction(|| {
         Spi::get_one::<String>(
@@ -42,4 +53,22 @@ pub fn current() -> Schema {
 /// The library's own version: the one `CREATE EXTENSION` installs by default.
 pub fn library() -> &'static str {
     env!("CARGO_PKG_VERSION")
+}
+
+/// "0.10.2" → [0, 10, 2], so that versions compare as numbers.
+fn version_key(v: &str) -> Vec<u32> {
+    v.split('.').map(|p| p.parse().unwrap_or(0)).collect()
+}
+
+#[cfg(test)]
+mod unit_tests {
+    use super::*;
+
+    #[test]
+    fn versions_compare_as_numbers() {
+        assert!(version_key("0.10.0") > version_key("0.9.1"));
+        assert!(Schema::Served("0.2.0".into()).has("0.1.0"));
+        assert!(!Schema::Served("0.1.0".into()).has("0.2.0"));
+        assert!(!Schema::Unknown("9.0.0".into()).has("0.1.0"));
+    }
 }
