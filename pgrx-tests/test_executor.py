@@ -211,3 +211,18 @@ def test_priority_and_run_at_order(db, name):
     late = scalar(db, f"""SELECT (SELECT at FROM {name} WHERE n = 4) >= h.run_at
                            FROM queue.history h WHERE queue = %s AND (payload->>'n') = '4'""", (name,))
     assert late is True
+
+
+def test_executors_report_their_table_statistics(db, name):
+    """Autovacuum learns of the rows executors delete from queue.jobs (and insert into
+    history): a background worker must flush its statistics itself, as a backend does when
+    it goes idle."""
+    def deleted():
+        return scalar(db, "SELECT n_tup_del FROM pg_stat_user_tables "
+                          "WHERE schemaname = 'queue' AND relname = 'jobs'")
+    before = deleted()
+    make_queue(db, name, "NULL;")
+    db.execute("SELECT queue.enqueue_many(%s, array_fill('{}'::jsonb, ARRAY[500]))", (name,))
+    assert wait_terminal(db, name, 500) == {"succeeded": 500}
+    # Only executors delete from queue.jobs here; their counts arrive within a second or two.
+    wait_for(lambda: deleted() >= before + 500, what="the executors' deletes in pg_stat_user_tables")

@@ -151,6 +151,7 @@ pub extern "C-unwind" fn pg_queue_executor_main(arg: pg_sys::Datum) {
             break;
         }
         let sleep = ex.tick();
+        super::report_table_stats();
         if let Some(timeout) = sleep {
             super::report_activity("idle", false);
             if !BackgroundWorker::wait_latch(Some(timeout)) {

@@ -402,6 +402,17 @@ pub fn report_activity(what: &str, active: bool) {
     unsafe { pg_sys::pgstat_report_activity(state, text.as_ptr()) }
 }
 
+/// Hands this process's table statistics (rows inserted, updated, deleted; dead tuples) to
+/// the cumulative statistics system, at most once a second. A regular backend does this
+/// when it goes idle; a background worker must do it itself, or autovacuum never learns of
+/// the dead tuples its updates and deletes leave in queue.jobs. Call between transactions.
+pub fn report_table_stats() {
+    // SAFETY: outside a transaction, as PostgresMain calls it; false: rate-limited.
+    unsafe {
+        pg_sys::pgstat_report_stat(false);
+    }
+}
+
 /// Sets application_name, so workers are recognisable in pg_stat_activity.
 pub fn report_appname(name: &std::ffi::CStr) {
     // SAFETY: pgstat copies the string.

@@ -116,6 +116,7 @@ pub extern "C-unwind" fn pg_queue_scheduler_main(arg: pg_sys::Datum) {
         }
         last_schema = Some(found);
         super::report_activity("idle", false);
+        super::report_table_stats();
         if !BackgroundWorker::wait_latch(Some(sleep)) {
             break;
         }
