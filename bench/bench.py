@@ -24,19 +24,24 @@ sys.path.insert(0, os.path.join(HERE, "..", "pgrx-tests"))
 from cluster import Cluster, PG_BIN  # noqa: E402
 
 # The phases, in the order a full run takes them (each is a Bench.<phase>_run method).
-PHASES = ["enqueue", "peers", "drain", "graph", "rate", "fair", "latency", "history", "stats", "rss"]
+PHASES = ["enqueue", "peers", "drain", "graph", "rate", "fair", "latency", "history", "stats", "snapshot",
+          "rss"]
 
 SIZES = {
     # jobs per floor run (1 and 64 per transaction), jobs per drain, pickups timed, history
     # rows, jobs between the RSS readings, seconds per enqueue run, enqueue_many calls,
     # rounds of each pg_queue figure beside its floor, jobs in the fan-in graph, and
-    # history rows (older than an hour, and of a busy last hour) under queue.stats
+    # history rows (older than an hour, and of a busy last hour) under queue.stats, and the
+    # held-snapshot phase: jobs/s offered, seconds per part (baseline, held, after), seconds
+    # between samples
     "full": dict(floor_single=5_000, floor_batch=100_000, drain=50_000, latency=500,
                  history=5_000_000, rss=1_000_000, enqueue_secs=4, many_calls=10, rounds=3,
-                 graph=10_000, stats_history=10_000_000, stats_hour=1_000_000),
+                 graph=10_000, stats_history=10_000_000, stats_hour=1_000_000,
+                 snap_rate=1_000, snap_secs=300, snap_sample=10),
     "smoke": dict(floor_single=500, floor_batch=2_000, drain=2_000, latency=20,
                   history=20_000, rss=5_000, enqueue_secs=1, many_calls=2, rounds=1,
-                  graph=1_000, stats_history=20_000, stats_hour=2_000),
+                  graph=1_000, stats_history=20_000, stats_hour=2_000,
+                  snap_rate=200, snap_secs=4, snap_sample=1),
 }
 
 # The floors run on tables shaped exactly like queue.jobs and queue.history (same columns,
@@ -105,6 +110,7 @@ class Bench:
         self.args = args
         self.size = SIZES["smoke" if args.smoke else "full"]
         self.rows = []  # (what, value, unit, floor name or None)
+        self.appendix = []  # markdown lines after the table (per-minute series)
         self.floors = {}
         settings = {
             "fsync": "on",
@@ -459,6 +465,123 @@ class Bench:
         self.sql("UPDATE queue.metrics_state SET final_until = NULL, rolled_until = NULL")
         self.sql("SELECT queue.drop_queue('bench_stats')")
 
+    # The queue's relations: table, indexes, toast, and history's partitions as one.
+    SNAP_SIZES = """
+        SELECT c.relname, pg_relation_size(c.oid), coalesce(s.n_dead_tup, 0)
+          FROM pg_class c
+          JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = 'queue'
+          LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid
+         WHERE c.relkind IN ('r', 'i') AND c.relname NOT LIKE 'history%'
+           AND c.relname NOT LIKE 'metrics%' AND c.relname NOT LIKE 'schedule%'
+        UNION ALL
+        SELECT 'history (all partitions)', sum(pg_relation_size(c.oid)), sum(coalesce(s.n_dead_tup, 0))
+          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = 'queue'
+          LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid
+         WHERE c.relkind IN ('r', 'i') AND c.relname LIKE 'history%'
+         ORDER BY 1"""
+
+    def snapshot_run(self):
+        rate, secs, every = self.size["snap_rate"], self.size["snap_secs"], self.size["snap_sample"]
+        print(f"steady enqueue + drain at {rate:,} jobs/s offered (pgbench -R, 2 clients, 2 executors): "
+              f"{secs} s baseline, {secs} s while another session holds a REPEATABLE READ snapshot, "
+              f"{secs} s after:")
+        self.set_workers(2)
+        self.sql("SELECT queue.create_queue('bench_snap', 'bench_noop(jsonb)', concurrency => 10000)")
+        self.sql("VACUUM ANALYZE queue.jobs")
+        with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as f:
+            f.write("SELECT queue.enqueue('bench_snap', '{}');\n")
+        os.chmod(f.name, 0o644)
+        cmd = [f"{PG_BIN}/pgbench", "-n", "-h", "127.0.0.1", "-p", str(self.cluster.port), "-U", "postgres",
+               "-c", "2", "-j", "2", "-M", "prepared", "-R", str(rate), "-T", str(3 * secs),
+               "-P", str(every), "-f", f.name, "postgres"]
+        start = time.time()
+        bench = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        samples = []  # (seconds since start, part, {relation: (bytes, dead)})
+        part_starts = [start, start + secs, start + 2 * secs, start + 3 * secs]
+        holder = None
+        with self.cluster.connect() as mon:
+            while bench.poll() is None:
+                now = time.time()
+                part = min(2, int((now - start) // secs))
+                if part == 1 and holder is None:
+                    holder = self.cluster.connect(autocommit=False)
+                    holder.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                    holder.execute("SELECT count(*) FROM queue.jobs")  # takes the snapshot
+                    part_starts[1] = time.time()
+                if part == 2 and holder is not None and not holder.closed:
+                    holder.rollback()
+                    holder.close()
+                    part_starts[2] = time.time()
+                sizes = {r: (b, d) for r, b, d in mon.execute(self.SNAP_SIZES).fetchall()}
+                samples.append((now - start, part, sizes))
+                time.sleep(max(0.0, every - (time.time() - now)))
+        out, err = bench.communicate()
+        os.unlink(f.name)
+        if bench.returncode != 0:
+            raise RuntimeError(f"pgbench failed: {err}")
+        if holder is not None and not holder.closed:
+            holder.close()
+        # pgbench -P lines: "progress: 10.0 s, 1999.8 tps, lat 1.2 ms stddev 0.3, lag 0.1 ms"
+        progress = [(float(m.group(1)), float(m.group(2)), float(m.group(3)))
+                    for m in re.finditer(r"progress: ([\d.]+) s, ([\d.]+) tps, lat ([\d.]+) ms", err)]
+        names = ["baseline", "snapshot held", "after"]
+        self.wait_drained("bench_snap")
+        for i, name in enumerate(names):
+            lo, hi = part_starts[i], part_starts[i + 1]
+            done, p50, p99 = self.one_row(
+                """SELECT count(*) / %s::float8,
+                          percentile_disc(0.5) WITHIN GROUP (ORDER BY started_at - created_at),
+                          percentile_disc(0.99) WITHIN GROUP (ORDER BY started_at - created_at)
+                     FROM queue.history
+                    WHERE queue = 'bench_snap' AND created_at >= to_timestamp(%s) AND created_at < to_timestamp(%s)""",
+                (hi - lo, lo, hi))
+            lat = [l for t, _, l in progress if lo - start < t <= hi - start]
+            base = "" if i == 0 else "baseline"
+            if i == 0:
+                self.floor("snapshot phase: jobs/s finished, baseline", done, "jobs/s")
+                self.floor("snapshot phase: pickup p99, baseline", p99.total_seconds() * 1000, "ms")
+            else:
+                self.record(f"snapshot phase: jobs/s finished, {name}", done, "jobs/s",
+                            "snapshot phase: jobs/s finished, baseline")
+                self.record(f"snapshot phase: pickup p99, {name}", p99.total_seconds() * 1000, "ms",
+                            "snapshot phase: pickup p99, baseline")
+            self.record(f"snapshot phase: pickup p50, {name}", p50.total_seconds() * 1000, "ms")
+            if lat:
+                self.record(f"snapshot phase: enqueue latency incl. schedule lag (mean of pgbench -P), {name}",
+                            statistics.mean(lat), "ms")
+            del base
+        # Sizes and dead tuples of each relation, a row per minute (per sample in smoke runs).
+        step = 1 if self.args.smoke else max(1, int(60 // every))
+        rels = sorted(samples[0][2]) if samples else []
+        self.appendix += ["", f"### Held snapshot: relation sizes (kB) / dead tuples, every {step * every} s", "",
+                          "| s | part | " + " | ".join(rels) + " |",
+                          "| ---: | --- | " + " | ".join("---:" for _ in rels) + " |"]
+        rows = samples[::step]
+        if samples and rows[-1] is not samples[-1]:
+            rows.append(samples[-1])
+        for t, part, sizes in rows:
+            cells = " | ".join(f"{sizes[r][0] // 1024:,} / {int(sizes[r][1]):,}" for r in rels)
+            self.appendix.append(f"| {t:.0f} | {names[part]} | {cells} |")
+        for line in self.appendix[-(len(rows) + 2):]:
+            print("  " + line)
+        jobs = [sizes.get("jobs", (0, 0))[0] for _, _, sizes in samples]
+        if jobs:
+            self.record("snapshot phase: queue.jobs heap, largest during the run",
+                        max(jobs) / 1024, "kB")
+            self.record("snapshot phase: queue.jobs heap at the end of the run", jobs[-1] / 1024, "kB")
+        self.sql("SELECT queue.drop_queue('bench_snap', force => true)")
+
+    def wait_drained(self, queue, timeout=600):
+        deadline = time.monotonic() + timeout
+        while self.one("SELECT count(*) FROM queue.jobs WHERE queue = %s", (queue,)):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{queue} did not drain")
+            time.sleep(0.2)
+
+    def one_row(self, query, params=None):
+        rows = self.sql(query, params)
+        return rows[0] if rows else None
+
     def rss_run(self):
         n = self.size["rss"]
         print(f"executor RSS before and after {n:,} jobs (2 executors):")
@@ -492,7 +615,7 @@ class Bench:
         for what, value, unit, floor in self.rows:
             ratio = f"{value / self.floors[floor]:.2f}x" if floor in self.floors else ""
             lines.append(f"| {what} | {value:,.1f} | {unit} | {ratio} | {floor if ratio else ''} |")
-        text = "\n".join(lines) + "\n"
+        text = "\n".join(lines + self.appendix) + "\n"
         os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
         only = "-only-" + "-".join(self.args.only) if self.args.only else ""
         name = f"{datetime.date.today()}-{'fast' if self.args.fast else 'durable'}-{kind}{only}.md"
