@@ -11,7 +11,8 @@ import psycopg
 from conftest import scalar, wait_for
 
 # Every database (no allow-list); 4 executors for the cluster.
-CLUSTER_SETTINGS = {"queue.databases": "''", "queue.max_workers": "4"}
+CLUSTER_SETTINGS = {"queue.databases": "''", "queue.max_workers": "4",
+                    "max_worker_processes": "32"}  # launcher + a scheduler and executor per database
 
 
 def processes(db, kind):
@@ -78,6 +79,20 @@ def test_create_extension_in_a_new_database_is_served_at_once(cluster, db):
         wait_for(lambda: drained(c, 1), timeout=30, interval=0.01, what="the first job of a new database")
         print(f"\nfirst job after CREATE EXTENSION: {time.monotonic() - started:.3f} s")
         assert scalar(c, "SELECT count(*) FROM ran") == 1
+
+
+def test_create_extension_right_after_create_database_is_served(cluster, db):
+    """The launcher probes a new database while CREATE EXTENSION commits there: the probe
+    must look again rather than record the database as without the extension."""
+    for i in range(4):
+        make_database(cluster, f"race{i}")     # CREATE DATABASE, then CREATE EXTENSION at once
+    for i in range(4):
+        with cluster.connect(dbname=f"race{i}") as c:
+            make_queue(c)
+            c.execute("SELECT queue.enqueue('q')")
+            wait_for(lambda: drained(c, 1), what=f"a job in race{i}")
+    for i in range(4):
+        db.execute(f"DROP DATABASE race{i}")
 
 
 def test_drop_database_with_executors_connected_succeeds(cluster, db):

@@ -514,13 +514,14 @@ fn d_pid(d: &Database) -> Option<i32> {
     (pid > 0).then_some(pid)
 }
 
-/// The launcher: databases that want a scheduler now.
+/// The launcher: databases that want a scheduler now and have none running.
 pub fn wanted_databases() -> Vec<u32> {
     let now = now_ms();
     databases()
         .filter(|d| {
             d.state.load(Ordering::Acquire) == DbState::Wanted as u32
                 && d.not_before_ms.load(Ordering::Relaxed) <= now
+                && d_pid(d).is_none_or(|p| !alive(p))
         })
         .map(|d| d.oid.load(Ordering::Acquire))
         .filter(|&oid| oid != 0)
@@ -559,10 +560,33 @@ pub fn restart_dead_schedulers(delay_ms: i64) {
     }
 }
 
-/// A scheduler: what it found in its database (Serving or Absent).
+/// A scheduler: what it found in its database (Serving, or Started while it cannot serve).
 pub fn set_database_state(state: DbState) {
     if let Some(d) = database(my_db()) {
         d.state.store(state as u32, Ordering::Release);
+    }
+}
+
+/// A scheduler that found no extension: records Absent and returns true (it may exit),
+/// unless a CREATE EXTENSION committed since it looked (the state is Wanted again): then it
+/// takes the database back (Started) and returns false, to look once more.
+pub fn give_up_database() -> bool {
+    let Some(d) = database(my_db()) else {
+        return true;
+    };
+    loop {
+        let state = d.state.load(Ordering::Acquire);
+        let next = if state == DbState::Wanted as u32 {
+            DbState::Started
+        } else {
+            DbState::Absent
+        };
+        if d.state
+            .compare_exchange(state, next as u32, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            return next == DbState::Absent;
+        }
     }
 }
 
@@ -579,15 +603,18 @@ pub fn serving_databases() -> Vec<u32> {
 }
 
 /// A backend after CREATE EXTENSION pg_queue committed: the launcher starts a scheduler
-/// for this database at once.
+/// for this database at once. One may be running already, looking for the extension from
+/// before this commit: Wanted tells it to look again instead of giving up.
 pub fn want_this_database() {
     if let Some(d) = database(my_db()) {
-        let _ = d.state.compare_exchange(
-            DbState::Absent as u32,
-            DbState::Wanted as u32,
-            Ordering::AcqRel,
-            Ordering::Relaxed,
-        );
+        for from in [DbState::Absent, DbState::Started] {
+            let _ = d.state.compare_exchange(
+                from as u32,
+                DbState::Wanted as u32,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            );
+        }
         d.not_before_ms.store(0, Ordering::Relaxed);
     }
     wake_launcher();

@@ -55,14 +55,18 @@ pub extern "C-unwind" fn pg_queue_scheduler_main(arg: pg_sys::Datum) {
         if found == Schema::Missing {
             // Not installed here (or just dropped): stop the executors, then say so and go.
             manage_executors(0);
+            forget_dead_executors();
             if shmem::occupied_slots(my_db()).is_empty() {
-                shmem::set_database_state(DbState::Absent);
-                debug1!("pg_queue scheduler: no pg_queue in database \"{database}\"; stopping");
-                break;
+                if shmem::give_up_database() {
+                    debug1!("pg_queue scheduler: no pg_queue in database \"{database}\"; stopping");
+                    break;
+                }
+                serving = false;
+                continue; // CREATE EXTENSION committed meanwhile: look again
             }
         }
         if let Schema::Served(_) = found {
-            if last_schema.as_ref() != Some(&found) || !serving {
+            if !serving {
                 shmem::set_database_state(DbState::Serving);
                 serving = true;
             }
