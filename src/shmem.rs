@@ -33,6 +33,10 @@ pub struct Slot {
     cancel_hi: AtomicU64,
     cancel_lo: AtomicU64,
     progress: Progress,
+    /// Jobs may have become ready at this run_at (Postgres microseconds) or later, behind
+    /// where the executor's claims resume (worker/cursors.rs); i64::MAX = none since it
+    /// last looked, i64::MIN = anywhere.
+    rewind_to: AtomicI64,
 }
 
 /// The last progress report of the job an executor runs: one writer (the executor), any
@@ -177,6 +181,7 @@ impl Registry {
                 cancel_hi: AtomicU64::new(0),
                 cancel_lo: AtomicU64::new(0),
                 progress: Progress::new(),
+                rewind_to: AtomicI64::new(i64::MAX),
             }),
             databases: std::array::from_fn(|_| Database {
                 oid: AtomicU32::new(0),
@@ -328,6 +333,29 @@ pub fn wake_idle_executors(n: usize) {
             woken += 1;
         }
     }
+}
+
+/// Tells every executor of this database that jobs may have become ready with a run_at
+/// of `to` or later, behind where its claims resume (worker/cursors.rs): its next claim
+/// looks from there. `i64::MIN`: from the head of every queue.
+pub fn request_rewind(to: i64) {
+    let Some(r) = registry() else {
+        return;
+    };
+    let db = my_db();
+    for s in r.slots.iter() {
+        if s.pid.load(Ordering::Acquire) != 0 && s.db.load(Ordering::Relaxed) == db {
+            s.rewind_to.fetch_min(to, Ordering::AcqRel);
+        }
+    }
+}
+
+/// The earliest run_at asked for by request_rewind since the executor in `slot` last
+/// looked, if any.
+pub fn take_rewind(slot: usize) -> Option<i64> {
+    let s = registry()?.slots.get(slot)?;
+    let to = s.rewind_to.swap(i64::MAX, Ordering::AcqRel);
+    (to != i64::MAX).then_some(to)
 }
 
 /// Registry slots in use by database `db`: (slot, pid), the pid negative while its

@@ -30,6 +30,18 @@ fn wake_executors(jobs: i32) {
         return; // callbacks already registered for this transaction
     }
     pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, || {
+        // Its jobs' run_at is the transaction's start: from a long transaction, they sort
+        // behind where executors' claims resume (worker/cursors.rs).
+        // SAFETY: both read the clock or the current transaction's start.
+        let (now, start) = unsafe {
+            (
+                pg_sys::GetCurrentTimestamp(),
+                pg_sys::GetCurrentTransactionStartTimestamp(),
+            )
+        };
+        if now - start > crate::worker::cursors::MARGIN_US / 2 {
+            crate::shmem::request_rewind(start);
+        }
         crate::shmem::wake_idle_executors(PENDING_WAKEUPS.replace(0));
     });
     pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Abort, || {

@@ -7,12 +7,14 @@
 //! a claim is committed (`running`, attempt counted, owner recorded) before its handler
 //! runs: a crash leaves the job `running` under a dead owner, and the reaper recovers it.
 
-use super::{kept, transaction, SqlError};
+use super::{cursors, kept, transaction, SqlError};
 use crate::security::sandbox;
 use crate::{gucs, shmem};
 use pgrx::bgworkers::BackgroundWorker;
+use pgrx::datum::TimestampWithTimeZone;
 use pgrx::pg_sys::BuiltinOid::{
-    INT4OID, INT8ARRAYOID, TEXTARRAYOID, TEXTOID, UUIDARRAYOID, UUIDOID,
+    INT4ARRAYOID, INT4OID, INT8ARRAYOID, TEXTARRAYOID, TEXTOID, TIMESTAMPTZARRAYOID,
+    TIMESTAMPTZOID, UUIDARRAYOID, UUIDOID,
 };
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
@@ -124,7 +126,7 @@ pub extern "C-unwind" fn pg_queue_executor_main(arg: pg_sys::Datum) {
     let dboid: u32 = BackgroundWorker::get_extra().parse().unwrap_or(0);
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(dboid)), None);
     super::report_appname(c"pg_queue executor");
-    super::pin_search_path();
+    super::pin_session_settings();
 
     let id = uuid::Uuid::new_v4();
     if !shmem::register_executor(slot, id) {
@@ -148,6 +150,9 @@ pub extern "C-unwind" fn pg_queue_executor_main(arg: pg_sys::Datum) {
         super::reload_config_if_asked();
         if super::shutdown_requested() && ex.claimed.is_empty() {
             log!("pg_queue executor {slot} stopping");
+            // Jobs it claimed and did not start went back to queued, keeping their place
+            // in the claim order: behind other executors' cursors.
+            shmem::request_rewind(i64::MIN);
             break;
         }
         let sleep = ex.tick();
@@ -210,6 +215,8 @@ impl Executor {
                 // Our own bookkeeping failed (not a handler: those are caught per job). The
                 // batch rolled back; hand its jobs to the reaper's rules right away.
                 log!("pg_queue executor: batch failed: {e}; releasing its jobs");
+                // Its claims rolled back: those jobs are queued again, in their place.
+                shmem::request_rewind(i64::MIN);
                 self.release_jobs(&e);
                 if !extension_exists() {
                     log!("pg_queue executor: extension pg_queue is gone; exiting");
@@ -288,13 +295,16 @@ fn run_batch(
     if report.leftover.is_empty() && !super::shutdown_requested() {
         // Idle from before the claim's snapshot: an enqueue committing after it wakes us.
         shmem::set_idle(slot, true);
+        if let Some(to) = shmem::take_rewind(slot) {
+            cursors::rewind(to);
+        }
         report.claimed = claim(client, executor_id, batch, turn)?;
         let rate_wake = rate_wake_in();
         if report.claimed.is_empty() {
-            report.next_ready_in = match (next_ready_in(client)?, rate_wake) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            report.next_ready_in = [next_ready_in(client)?, rate_wake, cursors::wake_in()]
+                .into_iter()
+                .flatten()
+                .min();
         } else {
             shmem::set_idle(slot, false);
         }
@@ -497,7 +507,10 @@ fn error_json(e: &SqlError, attempt: i32) -> String {
 /// from us while its handler ran (only `drop_queue(force => true)` does that: the reaper
 /// never takes a registered executor's jobs), and the batch must not commit. `j.id =
 /// ANY($1)` beside the join makes the planner fetch the batch's rows by primary key rather
-/// than hash the whole jobs table.
+/// than hash the whole jobs table. The lease token alone says the job is still ours and
+/// running (only a running job has one: jobs_running_has_owner); `state = 'running'` here
+/// would let the planner scan jobs_running_idx instead, which under an old snapshot holds
+/// an entry for every job run since (docs/design.md "Under a held snapshot").
 const RECORD_SQL: &str = "
 WITH o AS (
     SELECT u.*, u.delay_ms * interval '1 millisecond' AS delay
@@ -522,12 +535,12 @@ WITH o AS (
                   FROM queue.queues q WHERE q.name = j.queue), interval '0') END
       FROM o
      WHERE j.id = ANY($1::uuid[])
-       AND o.state = 'queued' AND j.id = o.id AND j.state = 'running' AND j.lease_token = o.token
+       AND o.state = 'queued' AND j.id = o.id AND j.lease_token = o.token
     RETURNING j.queue, o.signal, o.delay
 ), finished AS (
     DELETE FROM queue.jobs j USING o
      WHERE j.id = ANY($1::uuid[])
-       AND o.state <> 'queued' AND j.id = o.id AND j.state = 'running' AND j.lease_token = o.token
+       AND o.state <> 'queued' AND j.id = o.id AND j.lease_token = o.token
     RETURNING j.*, o.state AS new_state, o.result AS new_result, o.error AS new_error,
               o.progress AS new_progress
 ), moved AS (
@@ -617,7 +630,10 @@ fn record(client: &mut SpiClient<'_>, outcomes: &[Outcome]) -> Result<(), SqlErr
 }
 
 /// Queues with ready jobs that executors serve, with how to call their handlers and as
-/// whom (the owner, if that role still exists).
+/// whom (the owner, if that role still exists). A queue's ready jobs are looked for from
+/// where this executor's claims of it resume ($1..$3: queue, priority, run_at; the head of
+/// the queue without one), and before it among higher priorities (worker/cursors.rs). The
+/// checks read the index in claim order, so that the planner never scans the table.
 const READY_QUEUES_SQL: &str = "
 SELECT q.name, q.concurrency, q.owner::oid,
        (extract(epoch FROM q.timeout) * 1000)::int4,
@@ -632,35 +648,58 @@ SELECT q.name, q.concurrency, q.owner::oid,
   FROM queue.queues q
   LEFT JOIN pg_proc p ON p.oid = to_regprocedure(q.handler)
   LEFT JOIN pg_namespace n ON n.oid = p.pronamespace
+  LEFT JOIN unnest($1::text[], $2::int4[], $3::timestamptz[]) AS c(name, priority, run_at)
+         ON c.name = q.name
  WHERE NOT q.paused AND NOT q.notify
    AND (q.throttled_until IS NULL OR q.throttled_until <= statement_timestamp())
-   AND EXISTS (SELECT 1 FROM queue.jobs j
-                WHERE j.queue = q.name AND j.state = 'queued' AND j.run_at <= statement_timestamp())
+   AND ((SELECT true FROM queue.jobs j
+          WHERE j.queue = q.name AND j.state = 'queued' AND j.run_at <= statement_timestamp()
+            AND j.priority < coalesce(c.priority, -2147483648)
+          ORDER BY j.priority, j.run_at, j.id LIMIT 1)
+        OR (SELECT true FROM queue.jobs j
+             WHERE j.queue = q.name AND j.state = 'queued' AND j.run_at <= statement_timestamp()
+               AND (j.priority, j.run_at) >= (coalesce(c.priority, -2147483648),
+                                              coalesce(c.run_at, '-infinity'))
+             ORDER BY j.priority, j.run_at, j.id LIMIT 1))
  ORDER BY q.name";
 
 /// Claims up to `limit` ready jobs of one queue, within its concurrency limit. Claims of a
 /// queue are serialised by a transaction-scoped advisory lock (released at our commit), so
 /// that two executors counting the queue's running jobs cannot both take the last place.
-/// The claimed rows are updated by `id = ANY(ARRAY(...))`: the LIMIT is an expression the
-/// planner cannot estimate, and a join on it would hash the whole jobs table.
+/// The jobs are taken in claim order from ($6, $7), where this executor's claims of the
+/// queue resume, after any of a higher priority (worker/cursors.rs); the outer LIMIT locks
+/// only the rows it takes. The claimed rows are updated by `id = ANY(ARRAY(...))`: the
+/// LIMIT is an expression the planner cannot estimate, and a join on it would hash the
+/// whole jobs table.
 const CLAIM_SQL: &str = "
 WITH c AS (
-    SELECT id FROM queue.jobs
-     WHERE queue = $1 AND state = 'queued' AND run_at <= statement_timestamp()
-       AND NOT (SELECT paused OR coalesce(throttled_until > statement_timestamp(), false)
-                  FROM queue.queues WHERE name = $1)
-     ORDER BY priority, run_at, id
-     LIMIT CASE WHEN $3 >= $5 THEN $2
-                ELSE greatest(0, least($2, $3 - (SELECT count(*) FROM queue.jobs
-                                                  WHERE queue = $1 AND state = 'running'))) END
-     FOR UPDATE SKIP LOCKED
+    SELECT a.id FROM (
+        SELECT id FROM queue.jobs
+         WHERE queue = $1 AND state = 'queued' AND run_at <= statement_timestamp()
+           AND priority < $6
+         ORDER BY priority, run_at, id
+         LIMIT $2
+         FOR UPDATE SKIP LOCKED) a
+    UNION ALL
+    SELECT b.id FROM (
+        SELECT id FROM queue.jobs
+         WHERE queue = $1 AND state = 'queued' AND run_at <= statement_timestamp()
+           AND (priority, run_at) >= ($6, $7)
+         ORDER BY priority, run_at, id
+         LIMIT $2
+         FOR UPDATE SKIP LOCKED) b
+    LIMIT CASE WHEN (SELECT NOT paused AND coalesce(throttled_until <= statement_timestamp(), true)
+                       FROM queue.queues WHERE name = $1) IS NOT TRUE THEN 0
+               WHEN $3 >= $5 THEN $2
+               ELSE greatest(0, least($2, $3 - (SELECT count(*) FROM queue.jobs
+                                                 WHERE queue = $1 AND state = 'running'))) END
 )
 UPDATE queue.jobs j
    SET state = 'running', attempts = j.attempts + 1, started_at = statement_timestamp(),
        worker_pid = pg_backend_pid(), worker_id = $4, lease_token = gen_random_uuid()
  WHERE j.id = ANY(ARRAY(SELECT id FROM c))
 RETURNING j.id, j.lease_token, j.attempts, j.max_attempts, j.payload::text,
-          (extract(epoch FROM j.timeout) * 1000)::int4, j.depends_on, j.snoozes";
+          (extract(epoch FROM j.timeout) * 1000)::int4, j.depends_on, j.snoozes, j.priority, j.run_at";
 
 /// CLAIM_SQL for a fair_share queue: the jobs come from queue.fair_pick (sql/fair.sql),
 /// which rotates across keys from this executor's cursor ($7) within the per-key cap ($6).
@@ -699,16 +738,22 @@ struct ReadyQueue {
     timeout_ms: i32,
 }
 
-/// How long a queue that filled a whole batch is claimed from again without reading
-/// READY_QUEUES_SQL: saves a catalog join per batch under load, and bounds how late a
-/// changed handler or concurrency is seen (a pause is seen at once: CLAIM_SQL checks it).
+/// How long a queue that had jobs to claim is claimed from first, without reading
+/// READY_QUEUES_SQL: saves a catalog join per batch under load (also when jobs come one at
+/// a time), bounds how long other queues wait for their turn, and how late a changed
+/// handler or concurrency is seen (a pause is seen at once: CLAIM_SQL checks it).
 const HOT_QUEUE_TTL: Duration = Duration::from_millis(100);
 
 thread_local! {
-    /// The queue the last full batch came from, and since when.
+    /// The queue the last jobs came from, and since when.
     static HOT_QUEUE: RefCell<Option<(Instant, ReadyQueue)>> = const { RefCell::new(None) };
 }
 
+/// Claims up to `limit` ready jobs of the first queue that has any, round-robin from
+/// `turn`. Claims start where this executor's last ones of each queue ended, except in full
+/// passes (worker/cursors.rs). Nothing claimed by a full pass means no job was ready; after
+/// a cursor pass, only that none was where it looked: a full pass follows at once when due,
+/// else the executor sleeps no longer than until it is (`cursors::wake_in`).
 fn claim(
     client: &mut SpiClient<'_>,
     executor_id: pgrx::Uuid,
@@ -717,39 +762,91 @@ fn claim(
 ) -> Result<VecDeque<Claimed>, SqlError> {
     // SAFETY: statement_timestamp() in the claim is the start of the claim, not of the batch.
     unsafe { pg_sys::SetCurrentStatementStartTimestamp() };
+    let full = cursors::full_pass_due();
+    let claimed = claim_pass(client, executor_id, limit, turn, full)?;
+    if claimed.is_empty() && !full {
+        if cursors::full_pass_due() {
+            return claim_pass(client, executor_id, limit, turn, true);
+        }
+        cursors::found_nothing();
+    }
+    Ok(claimed)
+}
+
+/// One claim pass over the queues (`full`: from the head of each).
+fn claim_pass(
+    client: &mut SpiClient<'_>,
+    executor_id: pgrx::Uuid,
+    limit: i32,
+    turn: usize,
+    full: bool,
+) -> Result<VecDeque<Claimed>, SqlError> {
+    let started = full.then(cursors::full_pass_started);
+    let claimed = claim_from_queues(client, executor_id, limit, turn, full);
+    if let Some(started) = started {
+        cursors::full_pass_done(started);
+    }
+    claimed
+}
+
+fn claim_from_queues(
+    client: &mut SpiClient<'_>,
+    executor_id: pgrx::Uuid,
+    limit: i32,
+    turn: usize,
+    full: bool,
+) -> Result<VecDeque<Claimed>, SqlError> {
     let hot = HOT_QUEUE.with_borrow_mut(|h| match h.take() {
         Some((since, q)) if since.elapsed() < HOT_QUEUE_TTL => Some((since, q)),
         _ => None,
     });
     if let Some((since, q)) = hot {
-        let claimed = claim_from(client, executor_id, limit, &q)?;
-        if claimed.len() == limit as usize {
+        let claimed = claim_from(client, executor_id, limit, &q, full)?;
+        if !claimed.is_empty() {
             HOT_QUEUE.set(Some((since, q)));
             return Ok(claimed);
         }
-        if !claimed.is_empty() {
-            return Ok(claimed);
-        }
     }
-    let queues = ready_queues(client)?;
+    let queues = ready_queues(client, full)?;
     let n = queues.len();
     for i in 0..n {
         let q = &queues[(turn + i) % n];
-        let claimed = claim_from(client, executor_id, limit, q)?;
-        if claimed.len() == limit as usize {
-            HOT_QUEUE.set(Some((Instant::now(), q.clone())));
-        }
+        let claimed = claim_from(client, executor_id, limit, q, full)?;
         if !claimed.is_empty() {
+            HOT_QUEUE.set(Some((Instant::now(), q.clone())));
             return Ok(claimed);
         }
     }
     Ok(VecDeque::new())
 }
 
-fn ready_queues(client: &mut SpiClient<'_>) -> Result<Vec<ReadyQueue>, SqlError> {
+/// A key of the claim order as a timestamptz argument (-infinity below its range).
+fn run_at_arg(us: i64) -> TimestampWithTimeZone {
+    TimestampWithTimeZone::try_from(us)
+        .unwrap_or_else(|_| TimestampWithTimeZone::negative_infinity())
+}
+
+fn ready_queues(client: &mut SpiClient<'_>, full: bool) -> Result<Vec<ReadyQueue>, SqlError> {
     let mut queues = Vec::new();
-    let ready = kept(client, READY_QUEUES_SQL, &[])?;
-    for row in client.update(&*ready, None, &[])? {
+    let starts = if full { Vec::new() } else { cursors::starts() };
+    let names: Vec<&str> = starts.iter().map(|(q, _)| q.as_str()).collect();
+    let priorities: Vec<i32> = starts.iter().map(|(_, k)| k.priority).collect();
+    let run_ats: Vec<TimestampWithTimeZone> =
+        starts.iter().map(|(_, k)| run_at_arg(k.run_at)).collect();
+    let ready = kept(
+        client,
+        READY_QUEUES_SQL,
+        &[
+            BuiltIn(TEXTARRAYOID),
+            BuiltIn(INT4ARRAYOID),
+            BuiltIn(TIMESTAMPTZARRAYOID),
+        ],
+    )?;
+    for row in client.update(
+        &*ready,
+        None,
+        &[names.into(), priorities.into(), run_ats.into()],
+    )? {
         let name: Option<String> = row.get(1)?;
         let Some(name) = name else { continue };
         let call = match (row.get::<String>(5)?, row.get::<bool>(8)?) {
@@ -797,9 +894,10 @@ fn claim_from(
     executor_id: pgrx::Uuid,
     limit: i32,
     q: &ReadyQueue,
+    full: bool,
 ) -> Result<VecDeque<Claimed>, SqlError> {
     let Some(rate) = q.rate else {
-        return claim_rows(client, executor_id, limit, q);
+        return claim_rows(client, executor_id, limit, q, full);
     };
     // Reserved after the claim's statement_timestamp (its started_at), given back unused.
     // A budget that cannot be tracked (every slot in use) skips the queue, not the batch.
@@ -816,7 +914,7 @@ fn claim_from(
     if grant.granted == 0 {
         return Ok(VecDeque::new());
     }
-    let claimed = claim_rows(client, executor_id, grant.granted, q);
+    let claimed = claim_rows(client, executor_id, grant.granted, q, full);
     let used = claimed.as_ref().map_or(0, |c| c.len() as i32);
     crate::rate::settle(&q.name, &grant, used);
     claimed
@@ -841,6 +939,7 @@ fn claim_rows(
     executor_id: pgrx::Uuid,
     limit: i32,
     q: &ReadyQueue,
+    full: bool,
 ) -> Result<VecDeque<Claimed>, SqlError> {
     // A per-key cap is counted like the queue's: under the claim lock.
     if q.concurrency < UNLIMITED || q.key_concurrency.is_some() {
@@ -873,6 +972,10 @@ fn claim_rows(
     if q.fair {
         types.extend([BuiltIn(INT4OID), BuiltIn(TEXTOID)]);
         args.extend([q.key_concurrency.into(), cursor.as_str().into()]);
+    } else {
+        let start = cursors::start(&q.name, full);
+        types.extend([BuiltIn(INT4OID), BuiltIn(TIMESTAMPTZOID)]);
+        args.extend([start.priority.into(), run_at_arg(start.run_at).into()]);
     }
     let plan = kept(
         client,
@@ -882,9 +985,18 @@ fn claim_rows(
     let rows = client.update(&*plan, None, &args)?;
     let mut claimed = VecDeque::with_capacity(rows.len());
     let mut keys = Vec::new();
+    let mut last: Option<cursors::Key> = None;
     for row in rows {
         if q.fair {
             keys.extend(row.get::<String>(9)?);
+        } else if let (Some(priority), Some(run_at)) =
+            (row.get::<i32>(9)?, row.get::<TimestampWithTimeZone>(10)?)
+        {
+            let key = cursors::Key {
+                priority,
+                run_at: run_at.into(),
+            };
+            last = last.max(Some(key));
         }
         let (Some(id), Some(lease_token)) = (row.get::<pgrx::Uuid>(1)?, row.get::<pgrx::Uuid>(2)?)
         else {
@@ -906,6 +1018,8 @@ fn claim_rows(
     }
     if q.fair {
         crate::fair::advance(&q.name, &keys);
+    } else if let Some(last) = last {
+        cursors::claimed(&q.name, last);
     }
     Ok(claimed)
 }

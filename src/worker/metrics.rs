@@ -22,11 +22,9 @@ pub fn roll_up_if_due(last: &mut Option<u64>) {
     if *last == Some(due) {
         return;
     }
-    // Its estimates (tables the planner has few statistics on) can cross jit_above_cost,
-    // and compiling it would cost more than running it; its sorts (a minute's jobs, for
-    // the percentiles) fit in memory up to about a million jobs.
+    // Its sorts (a minute's jobs, for the percentiles) fit in memory up to about a million
+    // jobs. (JIT is off in every worker: pin_session_settings.)
     let result = transaction(|| {
-        Spi::run("SET LOCAL jit = off")?;
         Spi::run("SET LOCAL work_mem = '64MB'")?;
         Spi::get_one::<i64>(ROLL_UP_SQL)
     });

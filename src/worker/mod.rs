@@ -3,6 +3,7 @@
 //! workers that run handlers), plus the transaction, subtransaction, timeout and
 //! signal plumbing they share.
 
+pub mod cursors;
 pub mod executor;
 pub mod launcher;
 pub mod maintenance;
@@ -362,18 +363,25 @@ pub fn attach_signal_handlers() {
     }
 }
 
-/// Pins this worker's search_path: its own statements name every object of pg_queue
-/// with its schema, and nothing a user created elsewhere may stand in for a built-in
-/// function or operator. Handlers get their queue's search_path (security::sandbox).
-pub fn pin_search_path() {
-    // SAFETY: a session-level setting of this process, set at start outside transactions.
-    unsafe {
-        pg_sys::SetConfigOption(
-            c"search_path".as_ptr(),
-            c"pg_catalog, pg_temp".as_ptr(),
-            pg_sys::GucContext::PGC_SUSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-        );
+/// Session settings of every worker connected to a database:
+/// - search_path: its own statements name every object of pg_queue with its schema, and
+///   nothing a user created elsewhere may stand in for a built-in function or operator.
+///   Handlers get their queue's search_path (security::sandbox).
+/// - jit off: the planner's cost of our statements follows the size of queue.jobs, which
+///   a long transaction elsewhere inflates with dead rows; past jit_above_cost, each
+///   maintenance pass compiled ~40 functions for 300 ms (measured under a held snapshot).
+///   A handler that wants JIT sets it in its own SET clause.
+pub fn pin_session_settings() {
+    for (name, value) in [(c"search_path", c"pg_catalog, pg_temp"), (c"jit", c"off")] {
+        // SAFETY: a session-level setting of this process, set at start outside transactions.
+        unsafe {
+            pg_sys::SetConfigOption(
+                name.as_ptr(),
+                value.as_ptr(),
+                pg_sys::GucContext::PGC_SUSET,
+                pg_sys::GucSource::PGC_S_SESSION,
+            );
+        }
     }
 }
 

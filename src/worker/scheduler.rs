@@ -33,7 +33,7 @@ pub extern "C-unwind" fn pg_queue_scheduler_main(arg: pg_sys::Datum) {
     let dboid = pg_sys::Oid::from(arg.value() as u32);
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(dboid), None);
     super::report_appname(c"pg_queue scheduler");
-    super::pin_search_path();
+    super::pin_session_settings();
     let database = database_name();
 
     let mut last_partitions: Option<Instant> = None;

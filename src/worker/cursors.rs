@@ -1,0 +1,158 @@
+//! Claim cursors: where an executor's next claim of each queue starts in `jobs_ready_idx`.
+//!
+//! A claim takes the first ready jobs of a queue in (priority, run_at, id) order. Starting
+//! at the head of the queue's part of the index, it steps over the entries of every job
+//! claimed or finished since vacuum last ran; while some session holds an old snapshot,
+//! those entries cannot be removed (nor marked dead), and each costs a heap visit. So under
+//! a long transaction elsewhere, claims from the head grow slower by the second
+//! (docs/design.md "Under a held snapshot"). An executor therefore remembers the key of
+//! the last job it claimed from each queue and starts its next claim there, less
+//! `MARGIN_US` of run_at; jobs of a higher priority (lower number) are looked for from the
+//! head of theirs.
+//!
+//! A job can become ready behind a cursor: committed by a transaction that began more than
+//! the margin earlier (its run_at is its transaction's now()), enqueued with a run_at in
+//! the past, released by its last dependency, put back by a batch that rolled back. So:
+//! - a transaction that made jobs ready and took longer than half the margin rewinds every
+//!   executor's cursors to its start at commit (`shmem::request_rewind`); a batch that
+//!   rolled back, or jobs handed back at shutdown, rewind them to the head;
+//! - full passes start at the head of every queue: before an executor goes idle (an idle
+//!   executor has seen every ready job), and otherwise at least every
+//!   `MAX_FULL_INTERVAL`, within a twentieth of the executor's time (the interval is 19
+//!   times what the last full pass cost). Without an old snapshot a full pass costs what a
+//!   cursor claim does, so nearly every claim is one.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// How far behind the last claimed job's run_at a claim starts (Postgres microseconds):
+/// jobs of short transactions that commit out of order are within it.
+pub const MARGIN_US: i64 = 100_000;
+
+/// The longest a job behind a cursor waits for a full pass (when full passes are costly).
+const MAX_FULL_INTERVAL: Duration = Duration::from_secs(2);
+
+/// A full pass takes at most this share of an executor's time (1/20).
+const FULL_PASS_COST_SHARE: u32 = 20;
+
+/// Cursors kept at most (one per queue claimed from).
+const MAX_QUEUES: usize = 1024;
+
+/// A position in a queue's claim order: priority, then run_at (Postgres microseconds).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Key {
+    pub priority: i32,
+    pub run_at: i64,
+}
+
+impl Key {
+    /// Where a claim starts: the head of every queue.
+    pub const HEAD: Key = Key {
+        priority: i32::MIN,
+        run_at: i64::MIN,
+    };
+}
+
+struct Cursors {
+    /// The key of the last job claimed from each queue.
+    keys: HashMap<String, Key>,
+    /// When the next full pass is due.
+    full_due: Instant,
+    /// The last claim was a cursor pass that found nothing (a job may still be ready
+    /// behind a cursor): the executor wakes for the next full pass.
+    unverified: bool,
+}
+
+thread_local! {
+    static CURSORS: RefCell<Cursors> = RefCell::new(Cursors {
+        keys: HashMap::new(),
+        full_due: Instant::now(),
+        unverified: false,
+    });
+}
+
+/// Moves every cursor back to `to` (a run_at; `i64::MIN`: the head of each queue), as
+/// `shmem::request_rewind` asked.
+pub fn rewind(to: i64) {
+    CURSORS.with_borrow_mut(|c| {
+        if to == i64::MIN {
+            c.keys.clear();
+        } else {
+            for k in c.keys.values_mut() {
+                k.run_at = k.run_at.min(to);
+            }
+        }
+    })
+}
+
+/// Whether the next claim must be a full pass.
+pub fn full_pass_due() -> bool {
+    CURSORS.with_borrow(|c| Instant::now() >= c.full_due)
+}
+
+/// A cursor pass found nothing and no full pass is due yet.
+pub fn found_nothing() {
+    CURSORS.with_borrow_mut(|c| c.unverified = true);
+}
+
+/// How long an executor that found nothing may sleep before it must look again: until the
+/// next full pass, if no full pass has looked since its last claim.
+pub fn wake_in() -> Option<Duration> {
+    CURSORS.with_borrow(|c| {
+        c.unverified
+            .then(|| c.full_due.saturating_duration_since(Instant::now()))
+    })
+}
+
+/// Starts a full pass; returns when it started, for `full_pass_done`.
+pub fn full_pass_started() -> Instant {
+    CURSORS.with_borrow_mut(|c| c.unverified = false);
+    Instant::now()
+}
+
+/// A full pass that began at `started` ended: the next is due after
+/// FULL_PASS_COST_SHARE - 1 times its cost, capped at MAX_FULL_INTERVAL.
+pub fn full_pass_done(started: Instant) {
+    let cost = started.elapsed();
+    let interval = (cost * (FULL_PASS_COST_SHARE - 1)).min(MAX_FULL_INTERVAL);
+    CURSORS.with_borrow_mut(|c| c.full_due = Instant::now() + interval);
+}
+
+/// Where a claim of `queue` starts: its cursor less the margin, or the head of the queue
+/// in a full pass (`full`) or without a cursor.
+pub fn start(queue: &str, full: bool) -> Key {
+    if full {
+        return Key::HEAD;
+    }
+    CURSORS.with_borrow(|c| c.keys.get(queue).map_or(Key::HEAD, less_margin))
+}
+
+fn less_margin(k: &Key) -> Key {
+    Key {
+        priority: k.priority,
+        run_at: k.run_at.saturating_sub(MARGIN_US),
+    }
+}
+
+/// The start of every queue with a cursor (for the check of which queues have ready jobs).
+pub fn starts() -> Vec<(String, Key)> {
+    CURSORS.with_borrow(|c| {
+        c.keys
+            .iter()
+            .map(|(q, k)| (q.clone(), less_margin(k)))
+            .collect()
+    })
+}
+
+/// A claim of `queue` took jobs up to `last` (the greatest key it claimed): every ready
+/// job before it is taken or locked by another claim. `last` may be behind the cursor
+/// (a full pass found jobs behind it): the next claims go on from there.
+pub fn claimed(queue: &str, last: Key) {
+    CURSORS.with_borrow_mut(|c| {
+        if c.keys.len() >= MAX_QUEUES && !c.keys.contains_key(queue) {
+            c.keys.clear(); // queues come and go: start over rather than grow
+        }
+        c.keys.insert(queue.to_string(), last);
+    })
+}
