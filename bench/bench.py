@@ -554,14 +554,18 @@ class Bench:
         step = 1 if self.args.smoke else max(1, int(60 // every))
         rels = sorted(samples[0][2]) if samples else []
         self.appendix += ["", f"### Held snapshot: relation sizes (kB) / dead tuples, every {step * every} s", "",
-                          "| s | part | " + " | ".join(rels) + " |",
-                          "| ---: | --- | " + " | ".join("---:" for _ in rels) + " |"]
+                          "Enqueues/s and latency (incl. schedule lag) are pgbench's over the "
+                          f"{every} s before each row.", "",
+                          "| s | part | enqueues/s | latency ms | " + " | ".join(rels) + " |",
+                          "| ---: | --- | ---: | ---: | " + " | ".join("---:" for _ in rels) + " |"]
         rows = samples[::step]
         if samples and rows[-1] is not samples[-1]:
             rows.append(samples[-1])
         for t, part, sizes in rows:
             cells = " | ".join(f"{sizes[r][0] // 1024:,} / {int(sizes[r][1]):,}" for r in rels)
-            self.appendix.append(f"| {t:.0f} | {names[part]} | {cells} |")
+            before = [(tps, l) for pt, tps, l in progress if pt <= t + every / 2]
+            tps, l = before[-1] if before else (0.0, 0.0)
+            self.appendix.append(f"| {t:.0f} | {names[part]} | {tps:,.0f} | {l:,.1f} | {cells} |")
         for line in self.appendix[-(len(rows) + 2):]:
             print("  " + line)
         jobs = [sizes.get("jobs", (0, 0))[0] for _, _, sizes in samples]
