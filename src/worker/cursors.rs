@@ -57,6 +57,9 @@ impl Key {
 struct Cursors {
     /// The key of the last job claimed from each queue.
     keys: HashMap<String, Key>,
+    /// For queues with a concurrency limit: the oldest started_at among their running jobs
+    /// when this executor last counted them (`running_from`).
+    running_from: HashMap<String, i64>,
     /// When the next full pass is due.
     full_due: Instant,
     /// The last claim was a cursor pass that found nothing (a job may still be ready
@@ -67,6 +70,7 @@ struct Cursors {
 thread_local! {
     static CURSORS: RefCell<Cursors> = RefCell::new(Cursors {
         keys: HashMap::new(),
+        running_from: HashMap::new(),
         full_due: Instant::now(),
         unverified: false,
     });
@@ -154,5 +158,26 @@ pub fn claimed(queue: &str, last: Key) {
             c.keys.clear(); // queues come and go: start over rather than grow
         }
         c.keys.insert(queue.to_string(), last);
+    })
+}
+
+/// Where counting the running jobs of a limited queue may start (a started_at; i64::MIN:
+/// from the first). The same dead entries as the claim's would stand in the count's way:
+/// `jobs_running_idx` keeps an entry for every job run since an old snapshot was taken.
+/// Counted under the queue's claim lock, every claim before committed, so each running job
+/// was either counted then (started_at at or after the oldest) or claimed since (started
+/// later still); the oldest start only moves forward.
+pub fn running_from(queue: &str) -> i64 {
+    CURSORS.with_borrow(|c| c.running_from.get(queue).copied().unwrap_or(i64::MIN))
+}
+
+/// The oldest start among a limited queue's running jobs, just counted (or the count's
+/// time when none runs).
+pub fn counted_running(queue: &str, oldest: i64) {
+    CURSORS.with_borrow_mut(|c| {
+        if c.running_from.len() >= MAX_QUEUES && !c.running_from.contains_key(queue) {
+            c.running_from.clear();
+        }
+        c.running_from.insert(queue.to_string(), oldest);
     })
 }

@@ -663,9 +663,10 @@ SELECT q.name, q.concurrency, q.owner::oid,
              ORDER BY j.priority, j.run_at, j.id LIMIT 1))
  ORDER BY q.name";
 
-/// Claims up to `limit` ready jobs of one queue, within its concurrency limit. Claims of a
-/// queue are serialised by a transaction-scoped advisory lock (released at our commit), so
-/// that two executors counting the queue's running jobs cannot both take the last place.
+/// Claims up to $2 ready jobs of one queue: `limit`, or less to stay within its concurrency
+/// limit (counted by COUNT_RUNNING_SQL; $3 and $5 serve CLAIM_FAIR_SQL). Claims of a queue
+/// with a limit are serialised by a transaction-scoped advisory lock (released at our
+/// commit), so that two executors counting its running jobs cannot both take the last place.
 /// The jobs are taken in claim order from ($6, $7), where this executor's claims of the
 /// queue resume, after any of a higher priority (worker/cursors.rs); the outer LIMIT locks
 /// only the rows it takes. The claimed rows are updated by `id = ANY(ARRAY(...))`: the
@@ -690,9 +691,7 @@ WITH c AS (
          FOR UPDATE SKIP LOCKED) b
     LIMIT CASE WHEN (SELECT NOT paused AND coalesce(throttled_until <= statement_timestamp(), true)
                        FROM queue.queues WHERE name = $1) IS NOT TRUE THEN 0
-               WHEN $3 >= $5 THEN $2
-               ELSE greatest(0, least($2, $3 - (SELECT count(*) FROM queue.jobs
-                                                 WHERE queue = $1 AND state = 'running'))) END
+               ELSE $2 END
 )
 UPDATE queue.jobs j
    SET state = 'running', attempts = j.attempts + 1, started_at = statement_timestamp(),
@@ -954,6 +953,16 @@ fn claim_rows(
             &[ADVISORY_LOCK_SPACE.into(), q.name.as_str().into()],
         )?;
     }
+    // The queue's room under its concurrency limit, counted after the lock.
+    let limit = if q.concurrency < UNLIMITED && !q.fair {
+        let room = (q.concurrency - count_running(client, &q.name)?).max(0);
+        if room == 0 {
+            return Ok(VecDeque::new());
+        }
+        limit.min(room)
+    } else {
+        limit
+    };
     let mut types = vec![
         BuiltIn(TEXTOID),
         BuiltIn(INT4OID),
@@ -1022,6 +1031,29 @@ fn claim_rows(
         cursors::claimed(&q.name, last);
     }
     Ok(claimed)
+}
+
+/// Counts the running jobs of a limited queue, under its claim lock, from the oldest start
+/// among them this executor last saw (cursors::running_from).
+const COUNT_RUNNING_SQL: &str = "
+SELECT count(*)::int4, coalesce(min(started_at), statement_timestamp())
+  FROM queue.jobs
+ WHERE queue = $1 AND state = 'running' AND started_at >= $2";
+
+fn count_running(client: &mut SpiClient<'_>, queue: &str) -> Result<i32, SqlError> {
+    let plan = kept(
+        client,
+        COUNT_RUNNING_SQL,
+        &[BuiltIn(TEXTOID), BuiltIn(TIMESTAMPTZOID)],
+    )?;
+    let from = run_at_arg(cursors::running_from(queue));
+    let row = client
+        .update(&*plan, None, &[queue.into(), from.into()])?
+        .first();
+    if let Some(oldest) = row.get::<TimestampWithTimeZone>(2)? {
+        cursors::counted_running(queue, oldest.into());
+    }
+    Ok(row.get::<i32>(1)?.unwrap_or(0))
 }
 
 /// How long until the next scheduled job becomes ready, or a queue's throttle cool-down
