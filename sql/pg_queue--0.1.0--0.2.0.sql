@@ -474,8 +474,7 @@ $$;
 
 -- 4. Running jobs are indexed by queue and start time (sql/schema.sql): executors count
 --    a limited queue's running jobs from the oldest start they saw. Built in the update's
---    transaction; while it builds, writes to queue.jobs wait (a second or so per million
---    live jobs).
+--    transaction: writes to queue.jobs wait while it reads the table (live jobs only).
 DROP INDEX queue.jobs_running_idx;
 CREATE INDEX jobs_running_idx ON queue.jobs (queue, started_at) WHERE state = 'running';
 

@@ -166,7 +166,8 @@ pub fn claimed(queue: &str, last: Key) {
 /// `jobs_running_idx` keeps an entry for every job run since an old snapshot was taken.
 /// Counted under the queue's claim lock, every claim before committed, so each running job
 /// was either counted then (started_at at or after the oldest) or claimed since (started
-/// later still); the oldest start only moves forward.
+/// later still). The oldest start moves forward, but for a clock stepped back
+/// (COUNT_RUNNING_SQL in executor.rs).
 pub fn running_from(queue: &str) -> i64 {
     CURSORS.with_borrow(|c| c.running_from.get(queue).copied().unwrap_or(i64::MIN))
 }

@@ -1034,11 +1034,14 @@ fn claim_rows(
 }
 
 /// Counts the running jobs of a limited queue, under its claim lock, from the oldest start
-/// among them this executor last saw (cursors::running_from).
+/// among them this executor last saw (cursors::running_from); from the first while the
+/// clock is behind that start (stepped back), so that jobs claimed meanwhile are counted
+/// and the oldest start moves back to them.
 const COUNT_RUNNING_SQL: &str = "
 SELECT count(*)::int4, coalesce(min(started_at), statement_timestamp())
   FROM queue.jobs
- WHERE queue = $1 AND state = 'running' AND started_at >= $2";
+ WHERE queue = $1 AND state = 'running'
+   AND started_at >= CASE WHEN $2 > statement_timestamp() THEN '-infinity' ELSE $2 END";
 
 fn count_running(client: &mut SpiClient<'_>, queue: &str) -> Result<i32, SqlError> {
     let plan = kept(
