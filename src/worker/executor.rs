@@ -632,10 +632,8 @@ fn record(client: &mut SpiClient<'_>, outcomes: &[Outcome]) -> Result<(), SqlErr
 /// Queues with ready jobs that executors serve, with how to call their handlers and as
 /// whom (the owner, if that role still exists). A queue's ready jobs are looked for from
 /// where this executor's claims of it resume ($1..$3: queue, priority, run_at; the head of
-/// the queue without one), and before it among higher priorities (worker/cursors.rs); the
-/// first one's key is where a full pass claims from, so that the walk from the head of the
-/// index happens here, before the claim lock. The checks read the index in claim order, so
-/// that the planner never scans the table.
+/// the queue without one), and before it among higher priorities (worker/cursors.rs). The
+/// checks read the index in claim order, so that the planner never scans the table.
 const READY_QUEUES_SQL: &str = "
 SELECT q.name, q.concurrency, q.owner::oid,
        (extract(epoch FROM q.timeout) * 1000)::int4,
@@ -646,26 +644,23 @@ SELECT q.name, q.concurrency, q.owner::oid,
        p.prokind = 'f' AND p.prorettype = 'jsonb'::regtype,
        q.search_path, EXISTS (SELECT 1 FROM pg_authid r WHERE r.oid = q.owner), q.max_snoozes,
        q.rate_limit, (extract(epoch FROM q.rate_window) * 1000000)::int8, q.fair_share,
-       q.key_concurrency, f.priority, f.run_at
+       q.key_concurrency
   FROM queue.queues q
   LEFT JOIN pg_proc p ON p.oid = to_regprocedure(q.handler)
   LEFT JOIN pg_namespace n ON n.oid = p.pronamespace
   LEFT JOIN unnest($1::text[], $2::int4[], $3::timestamptz[]) AS c(name, priority, run_at)
          ON c.name = q.name
-  CROSS JOIN LATERAL (
-      (SELECT j.priority, j.run_at FROM queue.jobs j
-        WHERE j.queue = q.name AND j.state = 'queued' AND j.run_at <= statement_timestamp()
-          AND j.priority < coalesce(c.priority, -2147483648)
-        ORDER BY j.priority, j.run_at, j.id LIMIT 1)
-      UNION ALL
-      (SELECT j.priority, j.run_at FROM queue.jobs j
-        WHERE j.queue = q.name AND j.state = 'queued' AND j.run_at <= statement_timestamp()
-          AND (j.priority, j.run_at) >= (coalesce(c.priority, -2147483648),
-                                         coalesce(c.run_at, '-infinity'))
-        ORDER BY j.priority, j.run_at, j.id LIMIT 1)
-      LIMIT 1) f
  WHERE NOT q.paused AND NOT q.notify
    AND (q.throttled_until IS NULL OR q.throttled_until <= statement_timestamp())
+   AND ((SELECT true FROM queue.jobs j
+          WHERE j.queue = q.name AND j.state = 'queued' AND j.run_at <= statement_timestamp()
+            AND j.priority < coalesce(c.priority, -2147483648)
+          ORDER BY j.priority, j.run_at, j.id LIMIT 1)
+        OR (SELECT true FROM queue.jobs j
+             WHERE j.queue = q.name AND j.state = 'queued' AND j.run_at <= statement_timestamp()
+               AND (j.priority, j.run_at) >= (coalesce(c.priority, -2147483648),
+                                              coalesce(c.run_at, '-infinity'))
+             ORDER BY j.priority, j.run_at, j.id LIMIT 1))
  ORDER BY q.name";
 
 /// Claims up to $2 ready jobs of one queue: `limit`, or less to stay within its concurrency
@@ -740,8 +735,6 @@ struct ReadyQueue {
     key_concurrency: Option<i32>,
     handler: Handler,
     timeout_ms: i32,
-    /// The key of its first ready job when READY_QUEUES_SQL read it.
-    first: Option<cursors::Key>,
 }
 
 /// How long a queue that had jobs to claim is claimed from first, without reading
@@ -802,9 +795,8 @@ fn claim_from_queues(
     turn: usize,
     full: bool,
 ) -> Result<VecDeque<Claimed>, SqlError> {
-    // A full pass reads where each queue's ready jobs begin (READY_QUEUES_SQL).
     let hot = HOT_QUEUE.with_borrow_mut(|h| match h.take() {
-        Some((since, q)) if since.elapsed() < HOT_QUEUE_TTL && !full => Some((since, q)),
+        Some((since, q)) if since.elapsed() < HOT_QUEUE_TTL => Some((since, q)),
         _ => None,
     });
     if let Some((since, q)) = hot {
@@ -890,13 +882,6 @@ fn ready_queues(client: &mut SpiClient<'_>, full: bool) -> Result<Vec<ReadyQueue
             },
             name,
             timeout_ms: row.get::<i32>(4)?.unwrap_or(300_000),
-            first: match (row.get::<i32>(14)?, row.get::<TimestampWithTimeZone>(15)?) {
-                (Some(priority), Some(run_at)) => Some(cursors::Key {
-                    priority,
-                    run_at: run_at.into(),
-                }),
-                _ => None,
-            },
         });
     }
     Ok(queues)
@@ -997,11 +982,7 @@ fn claim_rows(
         types.extend([BuiltIn(INT4OID), BuiltIn(TEXTOID)]);
         args.extend([q.key_concurrency.into(), cursor.as_str().into()]);
     } else {
-        // A full pass starts at the first ready job READY_QUEUES_SQL found from the head.
-        let start = match (full, q.first) {
-            (true, Some(first)) => first,
-            _ => cursors::start(&q.name, full),
-        };
+        let start = cursors::start(&q.name, full);
         types.extend([BuiltIn(INT4OID), BuiltIn(TIMESTAMPTZOID)]);
         args.extend([start.priority.into(), run_at_arg(start.run_at).into()]);
     }
