@@ -8,8 +8,10 @@
 //! buckets that any window ending at t touches: a window never holds more than `limit`
 //! starts, and the achieved rate is at least BUCKETS / (BUCKETS + 1) of the limit.
 //!
-//! A start is counted from the moment it is reserved, never before the job's
-//! `started_at`, so every start lies in the windows it is counted in. Shared memory is
+//! A start is counted in the bucket of its job's `started_at`, which the caller takes
+//! just before it reserves: every start lies in the windows it is counted in, even when
+//! another process booked a later bucket in between (the check then also sums the
+//! buckets between; a start more than SLACK buckets behind is refused). Shared memory is
 //! lost in a crash restart: the first claim of a queue afterwards seeds its slot with the
 //! attempts the tables show in the last window (running, finished, failed), counted as
 //! if they had just started. Only snoozed and throttled runs leave no trace there.
@@ -24,7 +26,9 @@ use std::cell::RefCell;
 pub const RATE_SLOTS: usize = 128;
 /// Buckets per window.
 const BUCKETS: i64 = 100;
-const RING: usize = BUCKETS as usize + 1;
+/// How many buckets a reservation's start may lie behind the newest booked bucket.
+const SLACK: i64 = 20;
+const RING: usize = (BUCKETS + 1 + SLACK) as usize;
 
 #[derive(Clone, Copy)]
 struct RateSlot {
@@ -77,8 +81,9 @@ pub struct Limit {
 }
 
 impl Limit {
+    /// Rounded up, so that a window never touches more than BUCKETS + 1 buckets.
     fn width(&self) -> i64 {
-        (self.window_us / BUCKETS).max(1)
+        (self.window_us.max(1) as u64).div_ceil(BUCKETS as u64) as i64
     }
 }
 
@@ -124,29 +129,45 @@ impl RateSlot {
         self.limit = lim.limit.max(0) as u32;
     }
 
-    fn reserve(&mut self, lim: Limit, now_us: i64, wanted: i32) -> Grant {
-        self.configure(lim, now_us);
-        let now = now_us.div_euclid(lim.width());
-        self.advance(now);
-        self.last_used_us = now_us;
-        let used: u32 = self.counts.iter().sum();
+    /// Reserves up to `wanted` starts at `at_us`: the budget is `limit` minus the starts
+    /// booked in the BUCKETS buckets before that start's and every one after it.
+    fn reserve(&mut self, lim: Limit, at_us: i64, wanted: i32) -> Grant {
+        self.configure(lim, at_us);
+        let at = at_us.div_euclid(lim.width());
+        self.advance(at);
+        self.last_used_us = self.last_used_us.max(at_us);
+        if self.last_bucket - at > SLACK {
+            // Older than the ring can check against: the caller claims again, later.
+            return Grant {
+                granted: 0,
+                bucket: at,
+                retry_at_us: Some(at_us),
+            };
+        }
+        let used: u32 = (at - BUCKETS..=self.last_bucket)
+            .map(|b| self.count(b))
+            .sum();
         let left = self.limit.saturating_sub(used) as i32;
         let granted = wanted.clamp(0, left);
-        self.counts[now.rem_euclid(RING as i64) as usize] += granted as u32;
-        let retry_at_us = (granted < wanted).then(|| self.budget_returns_at(lim, now));
+        self.counts[at.rem_euclid(RING as i64) as usize] += granted as u32;
+        let retry_at_us = (granted < wanted).then(|| self.budget_returns_at(lim, at));
         Grant {
             granted,
-            bucket: now,
+            bucket: at,
             retry_at_us,
         }
     }
 
-    /// When budget returns: when the oldest bucket holding starts leaves the ring.
-    fn budget_returns_at(&self, lim: Limit, now: i64) -> i64 {
-        let oldest = (now - BUCKETS..=now)
-            .find(|b| self.counts[b.rem_euclid(RING as i64) as usize] > 0)
-            .unwrap_or(now);
-        (oldest + RING as i64) * lim.width()
+    fn count(&self, bucket: i64) -> u32 {
+        self.counts[bucket.rem_euclid(RING as i64) as usize]
+    }
+
+    /// When budget returns: when the oldest bucket holding starts leaves the window.
+    fn budget_returns_at(&self, lim: Limit, at: i64) -> i64 {
+        let oldest = (at - BUCKETS..=self.last_bucket)
+            .find(|&b| self.count(b) > 0)
+            .unwrap_or(at);
+        (oldest + BUCKETS + 1) * lim.width()
     }
 }
 
@@ -229,11 +250,15 @@ fn database() -> u32 {
     unsafe { pg_sys::MyDatabaseId }.to_u32()
 }
 
-/// Reserves up to `wanted` starts of queue `name` now, seeding its slot from the tables
-/// on first use (SPI: call it inside a transaction).
-pub fn take(name: &str, lim: Limit, wanted: i32) -> Result<Grant, crate::worker::SqlError> {
-    // SAFETY: reads the clock.
-    let now_us = unsafe { pg_sys::GetCurrentTimestamp() };
+/// Reserves up to `wanted` starts of queue `name` for jobs that start at `now_us` (their
+/// `started_at`, taken just before), seeding its slot from the tables on first use (SPI:
+/// call it inside a transaction).
+pub fn take(
+    name: &str,
+    lim: Limit,
+    wanted: i32,
+    now_us: i64,
+) -> Result<Grant, crate::worker::SqlError> {
     let db = database();
     if let Some(g) = reserve(db, name, lim, now_us, wanted) {
         return Ok(g);
@@ -298,6 +323,9 @@ thread_local! {
 #[pg_extern(volatile)]
 fn rate_take(queue: &str, lim: i32, win: pgrx::datum::Interval, wanted: i32) -> i32 {
     let window_us = interval_us(win);
+    // The caller's started_at is the clock_timestamp() it read just before this call.
+    // SAFETY: reads the clock.
+    let now_us = unsafe { pg_sys::GetCurrentTimestamp() };
     let g = take(
         queue,
         Limit {
@@ -305,6 +333,7 @@ fn rate_take(queue: &str, lim: i32, win: pgrx::datum::Interval, wanted: i32) -> 
             window_us,
         },
         wanted,
+        now_us,
     )
     .unwrap_or_else(|e| {
         let code = if e.sqlstate == "54000" {
@@ -398,6 +427,39 @@ mod tests {
             "{}",
             starts.len()
         );
+    }
+
+    #[pg_test]
+    fn starts_booked_out_of_order_keep_every_window() {
+        // Reservations come in real-time order, each for a start read up to 300 ms before
+        // (as a claim that waited for the lock): every sliding second of start times holds
+        // at most 10, and starts older than the slack are refused, not miscounted.
+        let lim = Limit {
+            limit: 10,
+            window_us: 1_000_000,
+        };
+        let mut s = slot();
+        let (mut starts, mut refused, mut seed) = (Vec::new(), 0, 7u64);
+        for ms in 0..10_000i64 {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            let at = (ms - (seed >> 33) as i64 % 300).max(0) * 1000;
+            let g = s.reserve(lim, at, 2);
+            starts.extend(std::iter::repeat_n(at, g.granted as usize));
+            refused += i32::from(g.granted == 0 && s.last_bucket - at / 10_000 > super::SLACK);
+        }
+        starts.sort_unstable();
+        for (i, &t) in starts.iter().enumerate() {
+            let in_window = starts[i..]
+                .iter()
+                .take_while(|&&u| u < t + 1_000_000)
+                .count();
+            assert!(
+                in_window <= 10,
+                "{in_window} starts in the second from {t} us"
+            );
+        }
+        assert!(refused > 0, "no start was behind the slack");
+        assert!(starts.len() >= 80, "{} starts in 10 s", starts.len());
     }
 
     #[pg_test]

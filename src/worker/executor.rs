@@ -759,7 +759,7 @@ fn claim(
     limit: i32,
     turn: usize,
 ) -> Result<VecDeque<Claimed>, SqlError> {
-    // SAFETY: statement_timestamp() in the claim is the start of the claim, not of the batch.
+    // SAFETY: statement_timestamp() in READY_QUEUES_SQL is now, not the batch's start.
     unsafe { pg_sys::SetCurrentStatementStartTimestamp() };
     let full = cursors::full_pass_due();
     let claimed = claim_pass(client, executor_id, limit, turn, full)?;
@@ -895,12 +895,43 @@ fn claim_from(
     q: &ReadyQueue,
     full: bool,
 ) -> Result<VecDeque<Claimed>, SqlError> {
+    // Claims of a limited queue take turns, so that its running count is exact; a per-key
+    // cap is counted the same way.
+    if q.concurrency < UNLIMITED || q.key_concurrency.is_some() {
+        let lock = kept(
+            client,
+            "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+            &[BuiltIn(INT4OID), BuiltIn(TEXTOID)],
+        )?;
+        client.update(
+            &*lock,
+            None,
+            &[ADVISORY_LOCK_SPACE.into(), q.name.as_str().into()],
+        )?;
+    }
+    // The queue's room under its concurrency limit, counted after the lock.
+    let mut limit = limit;
+    if q.concurrency < UNLIMITED && !q.fair {
+        // SAFETY: sets the backend's statement start time; no statement is running.
+        unsafe { pg_sys::SetCurrentStatementStartTimestamp() };
+        limit = limit.min((q.concurrency - count_running(client, &q.name)?).max(0));
+        if limit == 0 {
+            return Ok(VecDeque::new());
+        }
+    }
+    // The claim's started_at (statement_timestamp()) is read after the lock and the count:
+    // a queue's claims start in the order they take the lock, which its running count
+    // relies on (count_running); a job that finished before the count did so before it;
+    // and a rate limit books each start at exactly that time.
+    // SAFETY: as above.
+    unsafe { pg_sys::SetCurrentStatementStartTimestamp() };
     let Some(rate) = q.rate else {
         return claim_rows(client, executor_id, limit, q, full);
     };
-    // Reserved after the claim's statement_timestamp (its started_at), given back unused.
+    // SAFETY: reads the time just set.
+    let started_at = unsafe { pg_sys::GetCurrentStatementStartTimestamp() };
     // A budget that cannot be tracked (every slot in use) skips the queue, not the batch.
-    let grant = match crate::rate::take(&q.name, rate, limit) {
+    let grant = match crate::rate::take(&q.name, rate, limit, started_at) {
         Ok(g) => g,
         Err(e) => {
             log!("pg_queue executor: queue {} not claimed: {e}", q.name);
@@ -940,29 +971,6 @@ fn claim_rows(
     q: &ReadyQueue,
     full: bool,
 ) -> Result<VecDeque<Claimed>, SqlError> {
-    // A per-key cap is counted like the queue's: under the claim lock.
-    if q.concurrency < UNLIMITED || q.key_concurrency.is_some() {
-        let lock = kept(
-            client,
-            "SELECT pg_advisory_xact_lock($1, hashtext($2))",
-            &[BuiltIn(INT4OID), BuiltIn(TEXTOID)],
-        )?;
-        client.update(
-            &*lock,
-            None,
-            &[ADVISORY_LOCK_SPACE.into(), q.name.as_str().into()],
-        )?;
-    }
-    // The queue's room under its concurrency limit, counted after the lock.
-    let limit = if q.concurrency < UNLIMITED && !q.fair {
-        let room = (q.concurrency - count_running(client, &q.name)?).max(0);
-        if room == 0 {
-            return Ok(VecDeque::new());
-        }
-        limit.min(room)
-    } else {
-        limit
-    };
     let mut types = vec![
         BuiltIn(TEXTOID),
         BuiltIn(INT4OID),
