@@ -182,8 +182,14 @@ impl Executor {
         let result = transaction(move || {
             // An Err must abort the transaction (handlers' writes must not commit without
             // their jobs' outcomes), so it becomes an ERROR here.
-            Spi::connect_mut(|client| run_batch(client, claimed, slot, id, batch, turn))
-                .unwrap_or_else(|e| pgrx::error!("{e}"))
+            let report =
+                Spi::connect_mut(|client| run_batch(client, claimed, slot, id, batch, turn))
+                    .unwrap_or_else(|e| pgrx::error!("{e}"));
+            // The claim lock of a limited queue is held until the commit: not while the
+            // disk syncs, so the other executors' claims and flushes go on meanwhile. The
+            // flush still precedes every handler this executor starts.
+            super::flush_after_commit();
+            report
         });
         match result {
             Ok(BatchReport {

@@ -111,12 +111,16 @@ pub fn transaction<R>(f: impl FnOnce() -> R + UnwindSafe) -> Result<R, SqlError>
         pg_sys::StartTransactionCommand();
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
     }
+    FLUSH_AFTER_COMMIT.set(false);
     PgTryBuilder::new(move || {
         let r = f();
         // SAFETY: pairs with the Push/Start above; the body left no snapshot of its own.
         unsafe {
             pg_sys::PopActiveSnapshot();
             pg_sys::CommitTransactionCommand();
+            if FLUSH_AFTER_COMMIT.replace(false) {
+                pg_sys::XLogFlush(pg_sys::XactLastCommitEnd);
+            }
         }
         Ok(r)
     })
@@ -130,6 +134,48 @@ pub fn transaction<R>(f: impl FnOnce() -> R + UnwindSafe) -> Result<R, SqlError>
         Err(SqlError::from_caught(&e))
     })
     .execute()
+}
+
+thread_local! {
+    /// The current transaction commits without waiting for its flush, which follows.
+    static FLUSH_AFTER_COMMIT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Inside `transaction`: its commit releases the transaction's locks before the commit
+/// record is on disk, and `transaction` flushes it right after, before it returns. As
+/// durable as the synchronous commit it replaces for everything this process does next,
+/// but a queue's claim lock is no longer held while the disk syncs, and other sessions
+/// may see the transaction one flush before a crash could no longer undo it
+/// (docs/design.md "Commit, then flush"). Only where the commit would flush locally and
+/// wait for no standby: otherwise the commit stays as configured.
+pub fn flush_after_commit() {
+    // SAFETY: reads of this process's settings.
+    let (level, standbys) = unsafe {
+        let names = pg_sys::SyncRepStandbyNames;
+        (
+            pg_sys::synchronous_commit as u32,
+            !names.is_null() && *names != 0,
+        )
+    };
+    let local = pg_sys::SyncCommitLevel::SYNCHRONOUS_COMMIT_LOCAL_FLUSH;
+    if level < local || (level > local && standbys) {
+        return;
+    }
+    // SAFETY: a transaction-local setting (reverted at its end, also on abort), as SET
+    // LOCAL makes it.
+    unsafe {
+        pg_sys::set_config_option(
+            c"synchronous_commit".as_ptr(),
+            c"off".as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_LOCAL,
+            true,
+            0,
+            false,
+        );
+    }
+    FLUSH_AFTER_COMMIT.set(true);
 }
 
 /// Runs `f` in an internal subtransaction, as PL/pgSQL runs an EXCEPTION block: an ERROR
