@@ -551,14 +551,22 @@ class Bench:
                 self.record(f"snapshot phase: enqueue latency incl. schedule lag (mean of pgbench -P), {name}",
                             statistics.mean(lat), "ms")
             del base
-        # Sizes and dead tuples of each relation, a row per minute (per sample in smoke runs).
+        # Sizes and dead tuples of each relation, a row per minute (per sample in smoke runs),
+        # with the pickup p99 of the jobs enqueued in the interval before the row.
         step = 1 if self.args.smoke else max(1, int(60 // every))
+        width = step * every
+        p99s = dict(self.sql(
+            """SELECT ceil((extract(epoch FROM created_at) - %s) / %s)::int * %s,
+                      round(extract(epoch FROM percentile_disc(0.99) WITHIN GROUP
+                                                 (ORDER BY started_at - created_at)) * 1000, 1)
+                 FROM queue.history WHERE queue = 'bench_snap' GROUP BY 1""", (start, width, width)))
         rels = sorted(samples[0][2]) if samples else []
         self.appendix += ["", f"### Held snapshot: relation sizes (kB) / dead tuples, every {step * every} s", "",
                           "Enqueues/s and latency (incl. schedule lag) are pgbench's over the "
                           f"{every} s before each row.", "",
-                          "| s | part | enqueues/s | latency ms | " + " | ".join(rels) + " |",
-                          "| ---: | --- | ---: | ---: | " + " | ".join("---:" for _ in rels) + " |"]
+                          f"Pickup p99 is of the jobs enqueued in the {width} s before each row.", "",
+                          "| s | part | enqueues/s | latency ms | pickup p99 ms | " + " | ".join(rels) + " |",
+                          "| ---: | --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in rels) + " |"]
         rows = samples[::step]
         if samples and rows[-1] is not samples[-1]:
             rows.append(samples[-1])
@@ -566,7 +574,9 @@ class Bench:
             cells = " | ".join(f"{sizes[r][0] // 1024:,} / {int(sizes[r][1]):,}" for r in rels)
             before = [(tps, l) for pt, tps, l in progress if pt <= t + every / 2]
             tps, l = before[-1] if before else (0.0, 0.0)
-            self.appendix.append(f"| {t:.0f} | {names[part]} | {tps:,.0f} | {l:,.1f} | {cells} |")
+            p99 = p99s.get(int(round(t / width) * width))
+            p99_cell = f"{p99:,.1f}" if p99 is not None else ""
+            self.appendix.append(f"| {t:.0f} | {names[part]} | {tps:,.0f} | {l:,.1f} | {p99_cell} | {cells} |")
         for line in self.appendix[-(len(rows) + 2):]:
             print("  " + line)
         jobs = [sizes.get("jobs", (0, 0))[0] for _, _, sizes in samples]
