@@ -398,6 +398,21 @@ mod tests {
         }
     }
 
+    /// Fails if any sliding second of `starts` (microseconds) holds more than `limit`.
+    fn assert_no_second_over(starts: &mut [i64], limit: usize) {
+        starts.sort_unstable();
+        for (i, &t) in starts.iter().enumerate() {
+            let in_window = starts[i..]
+                .iter()
+                .take_while(|&&u| u < t + 1_000_000)
+                .count();
+            assert!(
+                in_window <= limit,
+                "{in_window} starts in the second from {t} us"
+            );
+        }
+    }
+
     #[pg_test]
     fn no_window_ever_holds_more_than_the_limit() {
         // 10 per second, asked for greedily every millisecond for 5 s: every sliding
@@ -410,18 +425,12 @@ mod tests {
         let mut starts = Vec::new();
         for ms in 0..5_000i64 {
             let g = s.reserve(lim, ms * 1000, 3);
-            starts.extend(std::iter::repeat_n(ms, g.granted as usize));
+            starts.extend(std::iter::repeat_n(ms * 1000, g.granted as usize));
             if g.granted < 3 {
                 assert!(g.retry_at_us.unwrap() > ms * 1000);
             }
         }
-        for (i, &t) in starts.iter().enumerate() {
-            let in_window = starts[i..].iter().take_while(|&&u| u < t + 1000).count();
-            assert!(
-                in_window <= 10,
-                "{in_window} starts in the second from {t} ms"
-            );
-        }
+        assert_no_second_over(&mut starts, 10);
         assert!(
             starts.len() >= 49 * BUCKETS as usize / (BUCKETS as usize + 1),
             "{}",
@@ -447,17 +456,7 @@ mod tests {
             starts.extend(std::iter::repeat_n(at, g.granted as usize));
             refused += i32::from(g.granted == 0 && s.last_bucket - at / 10_000 > super::SLACK);
         }
-        starts.sort_unstable();
-        for (i, &t) in starts.iter().enumerate() {
-            let in_window = starts[i..]
-                .iter()
-                .take_while(|&&u| u < t + 1_000_000)
-                .count();
-            assert!(
-                in_window <= 10,
-                "{in_window} starts in the second from {t} us"
-            );
-        }
+        assert_no_second_over(&mut starts, 10);
         assert!(refused > 0, "no start was behind the slack");
         assert!(starts.len() >= 80, "{} starts in 10 s", starts.len());
     }

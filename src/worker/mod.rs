@@ -149,7 +149,11 @@ thread_local! {
 /// (docs/design.md "Commit, then flush"). Only where the commit would flush locally and
 /// wait for no standby: otherwise the commit stays as configured.
 pub fn flush_after_commit() {
-    // SAFETY: reads of this process's settings.
+    // SAFETY: reads of this transaction's state and this process's settings.
+    if unsafe { pg_sys::GetTopTransactionIdIfAny() } == pg_sys::InvalidTransactionId {
+        return; // wrote nothing (an idle executor's look for work): no commit record
+    }
+    // SAFETY: as above.
     let (level, standbys) = unsafe {
         let names = pg_sys::SyncRepStandbyNames;
         (
