@@ -279,20 +279,22 @@ fn run_batch(
                 break;
             }
         }
-        if super::shutdown_requested() {
-            // Stopping: jobs claimed but not started go back to queued, attempt not counted.
-            outcomes.extend(claimed.drain(..).map(|j| Outcome {
-                id: j.id,
-                lease_token: j.lease_token,
-                state: crate::state::JobState::Queued,
-                result: None,
-                error: None,
-                progress: None,
-                signal: None,
-            }));
-        }
-        record(client, &outcomes)?;
     }
+    // The handlers are done: the rest of the batch is our own bookkeeping.
+    super::plan_by_index();
+    if super::shutdown_requested() {
+        // Stopping: jobs claimed but not started go back to queued, attempt not counted.
+        outcomes.extend(claimed.drain(..).map(|j| Outcome {
+            id: j.id,
+            lease_token: j.lease_token,
+            state: crate::state::JobState::Queued,
+            result: None,
+            error: None,
+            progress: None,
+            signal: None,
+        }));
+    }
+    record(client, &outcomes)?;
     let mut report = BatchReport {
         leftover: claimed,
         claimed: VecDeque::new(),

@@ -74,6 +74,7 @@ pub fn reap(
     cutoff: Option<pgrx::datum::TimestampWithTimeZone>,
     message: &str,
 ) -> Result<i64, SqlError> {
+    super::plan_by_index();
     Spi::get_one_with_args::<i64>(
         REAP_SQL,
         &[
@@ -135,6 +136,7 @@ pub fn announce_ready(
     since: Option<TimestampWithTimeZone>,
     lookback: Duration,
 ) -> Result<(Option<TimestampWithTimeZone>, Option<Duration>), SqlError> {
+    super::plan_by_index();
     let now = Spi::get_one::<TimestampWithTimeZone>("SELECT clock_timestamp()")?;
     Spi::get_one_with_args::<i64>(
         ANNOUNCE_SQL,

@@ -165,12 +165,29 @@ pub fn flush_after_commit() {
     if level < local || (level > local && standbys) {
         return;
     }
-    // SAFETY: a transaction-local setting (reverted at its end, also on abort), as SET
-    // LOCAL makes it.
+    set_local(c"synchronous_commit", c"off");
+    FLUSH_AFTER_COMMIT.set(true);
+}
+
+/// Plans the rest of the current transaction's statements without sequential scans, as
+/// `SET LOCAL enable_seqscan = off` does. pg_queue's own statements on `queue.jobs` read a
+/// few rows through an index; after a burst, or while a long transaction elsewhere keeps
+/// dead rows, the table has many pages and few live rows, and the planner then estimates
+/// each lookup by primary key (`id = ANY(...)`) as a large share of it: it chose a scan of
+/// every page for every batch, which held a queue's pickup at 200 jobs/s for tens of
+/// seconds (docs/design.md "Under a held snapshot"). Called only where no user code runs
+/// later in the transaction (after a batch's handlers, not before them).
+pub fn plan_by_index() {
+    set_local(c"enable_seqscan", c"off");
+}
+
+/// A transaction-local setting (reverted at its end, also on abort), as SET LOCAL makes it.
+fn set_local(name: &std::ffi::CStr, value: &std::ffi::CStr) {
+    // SAFETY: both strings outlive the call, which copies them; inside a transaction.
     unsafe {
         pg_sys::set_config_option(
-            c"synchronous_commit".as_ptr(),
-            c"off".as_ptr(),
+            name.as_ptr(),
+            value.as_ptr(),
             pg_sys::GucContext::PGC_USERSET,
             pg_sys::GucSource::PGC_S_SESSION,
             pg_sys::GucAction::GUC_ACTION_LOCAL,
@@ -179,7 +196,6 @@ pub fn flush_after_commit() {
             false,
         );
     }
-    FLUSH_AFTER_COMMIT.set(true);
 }
 
 /// Runs `f` in an internal subtransaction, as PL/pgSQL runs an EXCEPTION block: an ERROR
