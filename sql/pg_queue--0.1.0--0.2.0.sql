@@ -490,3 +490,8 @@ GRANT EXECUTE ON FUNCTION queue.prometheus_metrics(),
                           queue.history_outcomes(text, timestamptz, timestamptz),
                           queue.stats_rows() TO PUBLIC;
 GRANT SELECT ON queue.stats, queue.metrics TO PUBLIC;
+
+-- 6. Consumers' claims plan without sequential scans (nor JIT), as on a fresh install
+--    (sql/consumers.sql).
+ALTER FUNCTION queue.claim(text, text, integer, interval) SET enable_seqscan = off SET jit = off;
+ALTER FUNCTION queue.claim(text[], text, integer, interval) SET enable_seqscan = off SET jit = off;
