@@ -16,9 +16,11 @@
 //! - a transaction that made jobs ready and took longer than half the margin rewinds every
 //!   executor's cursors to its start at commit (`shmem::request_rewind`); a batch that
 //!   rolled back, or jobs handed back at shutdown, rewind them to the head;
-//! - full passes start at the head of every queue: before an executor goes idle (an idle
+//! - full passes look from the head of every queue (in the ready-queues check, before any
+//!   claim lock: a limited queue's other claims do not wait for the walk) and claim from
+//!   the first ready job found, less the margin: before an executor goes idle (an idle
 //!   executor has seen every ready job), and otherwise at least every
-//!   `MAX_FULL_INTERVAL`, within a twentieth of the executor's time (the interval is 19
+//!   `MAX_FULL_INTERVAL`, within a fiftieth of the executor's time (the interval is 49
 //!   times what the last full pass cost). Without an old snapshot a full pass costs what a
 //!   cursor claim does, so nearly every claim is one.
 
@@ -33,8 +35,9 @@ pub const MARGIN_US: i64 = 100_000;
 /// The longest a job behind a cursor waits for a full pass (when full passes are costly).
 const MAX_FULL_INTERVAL: Duration = Duration::from_secs(2);
 
-/// A full pass takes at most this share of an executor's time (1/20).
-const FULL_PASS_COST_SHARE: u32 = 20;
+/// A full pass takes at most this share of an executor's time (1/50): on 2 cores, more
+/// CPU spent walking dead entries showed in the other executor's pickup tail.
+const FULL_PASS_COST_SHARE: u32 = 50;
 
 /// Cursors kept at most (one per queue claimed from).
 const MAX_QUEUES: usize = 1024;
@@ -62,6 +65,8 @@ struct Cursors {
     running_from: HashMap<String, i64>,
     /// When the next full pass is due.
     full_due: Instant,
+    /// What the last full pass cost.
+    full_cost: Duration,
     /// The last claim was a cursor pass that found nothing (a job may still be ready
     /// behind a cursor): the executor wakes for the next full pass.
     unverified: bool,
@@ -72,6 +77,7 @@ thread_local! {
         keys: HashMap::new(),
         running_from: HashMap::new(),
         full_due: Instant::now(),
+        full_cost: Duration::ZERO,
         unverified: false,
     });
 }
@@ -93,6 +99,15 @@ pub fn rewind(to: i64) {
 /// Whether the next claim must be a full pass.
 pub fn full_pass_due() -> bool {
     CURSORS.with_borrow(|c| Instant::now() >= c.full_due)
+}
+
+/// A full pass costing more than this is worth a transaction of its own (a commit).
+const COSTLY_FULL_PASS: Duration = Duration::from_millis(2);
+
+/// Whether the next claim must be a full pass, and the last one cost more than a commit
+/// (a long transaction elsewhere keeps dead entries at the head of the queues).
+pub fn costly_full_pass_due() -> bool {
+    CURSORS.with_borrow(|c| Instant::now() >= c.full_due && c.full_cost > COSTLY_FULL_PASS)
 }
 
 /// A cursor pass found nothing and no full pass is due yet.
@@ -120,14 +135,20 @@ pub fn full_pass_started() -> Instant {
 pub fn full_pass_done(started: Instant) {
     let cost = started.elapsed();
     let interval = (cost * (FULL_PASS_COST_SHARE - 1)).min(MAX_FULL_INTERVAL);
-    CURSORS.with_borrow_mut(|c| c.full_due = Instant::now() + interval);
+    CURSORS.with_borrow_mut(|c| {
+        c.full_due = Instant::now() + interval;
+        c.full_cost = cost;
+    });
 }
 
 /// Where a claim of `queue` starts: its cursor less the margin, or the head of the queue
-/// in a full pass (`full`) or without a cursor.
-pub fn start(queue: &str, full: bool) -> Key {
+/// without a cursor. A full pass starts at `first`, the first ready job it found from the
+/// head before the claim lock (the walk past dead entries then holds no lock), less the
+/// margin: a job committed meanwhile behind it is one of a transaction that began before
+/// it, as for a cursor; without `first`, from the head.
+pub fn start(queue: &str, full: bool, first: Option<Key>) -> Key {
     if full {
-        return Key::HEAD;
+        return first.as_ref().map_or(Key::HEAD, less_margin);
     }
     CURSORS.with_borrow(|c| c.keys.get(queue).map_or(Key::HEAD, less_margin))
 }

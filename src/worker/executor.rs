@@ -196,6 +196,7 @@ impl Executor {
                 leftover,
                 claimed,
                 next_ready_in,
+                claim_next,
             }) => {
                 let finished_in_time =
                     leftover.is_empty() && started.elapsed() < gucs::batch_time();
@@ -205,7 +206,7 @@ impl Executor {
                     (self.batch / 2).max(1)
                 };
                 self.turn = self.turn.wrapping_add(1);
-                let worked = !leftover.is_empty() || !claimed.is_empty();
+                let worked = !leftover.is_empty() || !claimed.is_empty() || claim_next;
                 self.claimed = leftover;
                 self.claimed.extend(claimed);
                 if worked {
@@ -253,6 +254,8 @@ struct BatchReport {
     leftover: VecDeque<Claimed>,
     claimed: VecDeque<Claimed>,
     next_ready_in: Option<Duration>,
+    /// The batch committed its outcomes without claiming: claim in the next one, at once.
+    claim_next: bool,
 }
 
 /// The body of one batch transaction.
@@ -299,7 +302,15 @@ fn run_batch(
         leftover: claimed,
         claimed: VecDeque::new(),
         next_ready_in: None,
+        claim_next: false,
     };
+    if !outcomes.is_empty() && cursors::costly_full_pass_due() {
+        // A full pass walks from the head of every queue, past every dead entry a long
+        // transaction elsewhere keeps: not while the jobs just finished still hold their
+        // places under their queues' concurrency limits (until this batch commits).
+        report.claim_next = true;
+        return Ok(report);
+    }
     if report.leftover.is_empty() && !super::shutdown_requested() {
         // Idle from before the claim's snapshot: an enqueue committing after it wakes us.
         shmem::set_idle(slot, true);
@@ -308,7 +319,9 @@ fn run_batch(
         }
         report.claimed = claim(client, executor_id, batch, turn)?;
         let rate_wake = rate_wake_in();
-        if report.claimed.is_empty() {
+        if report.claimed.is_empty() && cursors::costly_full_pass_due() {
+            report.claim_next = true;
+        } else if report.claimed.is_empty() {
             report.next_ready_in = [next_ready_in(client)?, rate_wake, cursors::wake_in()]
                 .into_iter()
                 .flatten()
@@ -640,8 +653,10 @@ fn record(client: &mut SpiClient<'_>, outcomes: &[Outcome]) -> Result<(), SqlErr
 /// Queues with ready jobs that executors serve, with how to call their handlers and as
 /// whom (the owner, if that role still exists). A queue's ready jobs are looked for from
 /// where this executor's claims of it resume ($1..$3: queue, priority, run_at; the head of
-/// the queue without one), and before it among higher priorities (worker/cursors.rs). The
-/// checks read the index in claim order, so that the planner never scans the table.
+/// the queue without one), and before it among higher priorities (worker/cursors.rs); the
+/// first one's key is where a full pass claims from, so that the walk from the head of the
+/// index happens here, before the claim lock. The checks read the index in claim order, so
+/// that the planner never scans the table.
 const READY_QUEUES_SQL: &str = "
 SELECT q.name, q.concurrency, q.owner::oid,
        (extract(epoch FROM q.timeout) * 1000)::int4,
@@ -652,23 +667,26 @@ SELECT q.name, q.concurrency, q.owner::oid,
        p.prokind = 'f' AND p.prorettype = 'jsonb'::regtype,
        q.search_path, EXISTS (SELECT 1 FROM pg_authid r WHERE r.oid = q.owner), q.max_snoozes,
        q.rate_limit, (extract(epoch FROM q.rate_window) * 1000000)::int8, q.fair_share,
-       q.key_concurrency
+       q.key_concurrency, f.priority, f.run_at
   FROM queue.queues q
   LEFT JOIN pg_proc p ON p.oid = to_regprocedure(q.handler)
   LEFT JOIN pg_namespace n ON n.oid = p.pronamespace
   LEFT JOIN unnest($1::text[], $2::int4[], $3::timestamptz[]) AS c(name, priority, run_at)
          ON c.name = q.name
+  CROSS JOIN LATERAL (
+      (SELECT j.priority, j.run_at FROM queue.jobs j
+        WHERE j.queue = q.name AND j.state = 'queued' AND j.run_at <= statement_timestamp()
+          AND j.priority < coalesce(c.priority, -2147483648)
+        ORDER BY j.priority, j.run_at, j.id LIMIT 1)
+      UNION ALL
+      (SELECT j.priority, j.run_at FROM queue.jobs j
+        WHERE j.queue = q.name AND j.state = 'queued' AND j.run_at <= statement_timestamp()
+          AND (j.priority, j.run_at) >= (coalesce(c.priority, -2147483648),
+                                         coalesce(c.run_at, '-infinity'))
+        ORDER BY j.priority, j.run_at, j.id LIMIT 1)
+      LIMIT 1) f
  WHERE NOT q.paused AND NOT q.notify
    AND (q.throttled_until IS NULL OR q.throttled_until <= statement_timestamp())
-   AND ((SELECT true FROM queue.jobs j
-          WHERE j.queue = q.name AND j.state = 'queued' AND j.run_at <= statement_timestamp()
-            AND j.priority < coalesce(c.priority, -2147483648)
-          ORDER BY j.priority, j.run_at, j.id LIMIT 1)
-        OR (SELECT true FROM queue.jobs j
-             WHERE j.queue = q.name AND j.state = 'queued' AND j.run_at <= statement_timestamp()
-               AND (j.priority, j.run_at) >= (coalesce(c.priority, -2147483648),
-                                              coalesce(c.run_at, '-infinity'))
-             ORDER BY j.priority, j.run_at, j.id LIMIT 1))
  ORDER BY q.name";
 
 /// Claims up to $2 ready jobs of one queue: `limit`, or less to stay within its concurrency
@@ -743,6 +761,8 @@ struct ReadyQueue {
     key_concurrency: Option<i32>,
     handler: Handler,
     timeout_ms: i32,
+    /// The key of its first ready job when READY_QUEUES_SQL read it.
+    first: Option<cursors::Key>,
 }
 
 /// How long a queue that had jobs to claim is claimed from first, without reading
@@ -772,10 +792,13 @@ fn claim(
     let full = cursors::full_pass_due();
     let claimed = claim_pass(client, executor_id, limit, turn, full)?;
     if claimed.is_empty() && !full {
-        if cursors::full_pass_due() {
+        if !cursors::full_pass_due() {
+            cursors::found_nothing();
+        } else if !cursors::costly_full_pass_due() {
             return claim_pass(client, executor_id, limit, turn, true);
         }
-        cursors::found_nothing();
+        // A costly one runs in a transaction of its own (run_batch): not under the claim
+        // lock this pass may have taken.
     }
     Ok(claimed)
 }
@@ -803,8 +826,9 @@ fn claim_from_queues(
     turn: usize,
     full: bool,
 ) -> Result<VecDeque<Claimed>, SqlError> {
+    // A full pass reads where each queue's ready jobs begin (READY_QUEUES_SQL).
     let hot = HOT_QUEUE.with_borrow_mut(|h| match h.take() {
-        Some((since, q)) if since.elapsed() < HOT_QUEUE_TTL => Some((since, q)),
+        Some((since, q)) if since.elapsed() < HOT_QUEUE_TTL && !full => Some((since, q)),
         _ => None,
     });
     if let Some((since, q)) = hot {
@@ -890,6 +914,13 @@ fn ready_queues(client: &mut SpiClient<'_>, full: bool) -> Result<Vec<ReadyQueue
             },
             name,
             timeout_ms: row.get::<i32>(4)?.unwrap_or(300_000),
+            first: match (row.get::<i32>(14)?, row.get::<TimestampWithTimeZone>(15)?) {
+                (Some(priority), Some(run_at)) => Some(cursors::Key {
+                    priority,
+                    run_at: run_at.into(),
+                }),
+                _ => None,
+            },
         });
     }
     Ok(queues)
@@ -998,7 +1029,7 @@ fn claim_rows(
         types.extend([BuiltIn(INT4OID), BuiltIn(TEXTOID)]);
         args.extend([q.key_concurrency.into(), cursor.as_str().into()]);
     } else {
-        let start = cursors::start(&q.name, full);
+        let start = cursors::start(&q.name, full, q.first);
         types.extend([BuiltIn(INT4OID), BuiltIn(TIMESTAMPTZOID)]);
         args.extend([start.priority.into(), run_at_arg(start.run_at).into()]);
     }
