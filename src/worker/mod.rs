@@ -172,15 +172,14 @@ pub fn flush_after_commit() {
 /// Plans the rest of the current transaction's statements without sequential scans, as
 /// `SET LOCAL enable_seqscan = off` does, and once. pg_queue's own statements on
 /// `queue.jobs` read a few rows through an index; after a burst, or while a long
-/// transaction elsewhere keeps
-/// dead rows, the table has many pages and few live rows, and the planner then estimates
-/// each lookup by primary key (`id = ANY(...)`) as a large share of it: it chose a scan of
-/// every page for every batch, which held a queue's pickup at 200 jobs/s for tens of
-/// seconds (docs/design.md "Under a held snapshot"). And with the kept plans' generic
-/// form (`plan_cache_mode`): planned by index whatever the parameters, a statement need
-/// not be planned again for each batch (the batch's record took 0.5 ms to plan, each
-/// time). Called only where no user code runs later in the transaction (after a batch's
-/// handlers, not before them).
+/// transaction elsewhere keeps dead rows, the table has many pages and few live rows, and
+/// the planner then estimates each lookup by primary key (`id = ANY(...)`) as a large
+/// share of it: it chose a scan of every page for every batch, which held a queue's
+/// pickup at 200 jobs/s for tens of seconds (docs/design.md "Under a held snapshot").
+/// And with the kept plans' generic form (`plan_cache_mode`): planned by index whatever
+/// the parameters, a statement need not be planned again for each batch (the batch's
+/// record took 0.5 ms to plan, each time). Called only where no user code runs later in
+/// the transaction (after a batch's handlers, not before them).
 pub fn plan_by_index() {
     set_local(c"enable_seqscan", c"off");
     set_local(c"plan_cache_mode", c"force_generic_plan");
