@@ -495,3 +495,28 @@ GRANT SELECT ON queue.stats, queue.metrics TO PUBLIC;
 --    (sql/consumers.sql).
 ALTER FUNCTION queue.claim(text, text, integer, interval) SET enable_seqscan = off SET jit = off;
 ALTER FUNCTION queue.claim(text[], text, integer, interval) SET enable_seqscan = off SET jit = off;
+
+-- 7. The nine CHECK constraints of queue.jobs become one that calls a C function
+--    (src/state.rs, sql/jobs.sql): Postgres parsed and planned all nine for every INSERT
+--    and UPDATE. One ALTER TABLE: one short exclusive lock and one scan of the live jobs.
+CREATE FUNCTION queue.job_invariants(
+    state anyelement, waiting_for integer, on_dependency_failure text, attempts integer,
+    max_attempts integer, timeout interval, started_at timestamptz, lease_token uuid,
+    worker_id uuid, consumer text, lease interval, lease_expires_at timestamptz)
+RETURNS boolean IMMUTABLE PARALLEL SAFE
+LANGUAGE c AS 'MODULE_PATHNAME', 'job_invariants_wrapper';
+REVOKE ALL ON FUNCTION queue.job_invariants(anyelement, integer, text, integer, integer, interval,
+    timestamptz, uuid, uuid, text, interval, timestamptz) FROM PUBLIC;
+ALTER TABLE queue.jobs
+    DROP CONSTRAINT jobs_live_state,
+    DROP CONSTRAINT jobs_waiting_for_dependencies,
+    DROP CONSTRAINT jobs_dependency_failure_valid,
+    DROP CONSTRAINT jobs_attempts_in_range,
+    DROP CONSTRAINT jobs_max_attempts_positive,
+    DROP CONSTRAINT jobs_timeout_positive,
+    DROP CONSTRAINT jobs_running_has_owner,
+    DROP CONSTRAINT jobs_one_owner,
+    DROP CONSTRAINT jobs_consumer_has_lease,
+    ADD CONSTRAINT jobs_invariants CHECK (queue.job_invariants(
+        state, waiting_for, on_dependency_failure, attempts, max_attempts, timeout,
+        started_at, lease_token, worker_id, consumer, lease, lease_expires_at));

@@ -55,6 +55,7 @@ extension_sql_file!(
     name = "jobs",
     requires = [
         "queues",
+        state::job_invariants,
         api::uuid_generate_v7,
         api::wake_executors,
         api::request_cancel,

@@ -1,6 +1,13 @@
 //! The job state machine: the one vocabulary of states (SQL enum `queue.job_state`) and the
 //! transitions allowed between them. Every transition in the SQL is a guarded statement that
 //! names the state it leaves, so two processes racing on one job cannot both win.
+//!
+//! Also the invariants of a live job's row, which `queue.jobs` enforces with one CHECK
+//! calling [`job_invariants`].
+
+use pgrx::datum::Interval;
+use pgrx::prelude::*;
+use pgrx::{AnyElement, Uuid};
 
 /// A job's state. Each doc line names who moves a job out of it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,6 +50,12 @@ impl JobState {
         }
     }
 
+    fn from_label(label: &[u8]) -> Option<JobState> {
+        JobState::ALL
+            .into_iter()
+            .find(|s| s.as_str().as_bytes() == label)
+    }
+
     /// Terminal jobs live in `queue.history`, the others in `queue.jobs`.
     pub fn is_terminal(self) -> bool {
         matches!(
@@ -72,9 +85,152 @@ impl JobState {
     }
 }
 
+/// A live job's row, as far as its invariants go: the columns' values, or only whether
+/// they are set where that is all an invariant says.
+#[derive(Clone, Copy)]
+struct LiveRow<'a> {
+    state: Option<JobState>,
+    waiting_for: i32,
+    on_dependency_failure: Option<&'a str>,
+    attempts: i32,
+    max_attempts: i32,
+    timeout_us: Option<i128>,
+    started: bool,
+    lease_token: bool,
+    worker: bool,
+    consumer: bool,
+    lease: bool,
+    lease_expires: bool,
+}
+
+impl LiveRow<'_> {
+    /// The first invariant the row breaks, as (name, what it says).
+    fn broken_invariant(&self) -> Option<(&'static str, &'static str)> {
+        use JobState::*;
+        let running = self.state == Some(Running);
+        let rules = [
+            (
+                matches!(self.state, Some(Waiting | Queued | Running)),
+                "jobs_live_state",
+                "A live job is waiting, queued or running; finished jobs are in queue.history.",
+            ),
+            (
+                (self.state == Some(Waiting)) == (self.waiting_for > 0),
+                "jobs_waiting_for_dependencies",
+                "A job is waiting exactly while some of its dependencies have not finished (waiting_for > 0).",
+            ),
+            (
+                matches!(self.on_dependency_failure, None | Some("cancel" | "run")),
+                "jobs_dependency_failure_valid",
+                "on_dependency_failure is cancel or run.",
+            ),
+            (
+                (0..=self.max_attempts).contains(&self.attempts),
+                "jobs_attempts_in_range",
+                "attempts is between 0 and max_attempts.",
+            ),
+            (
+                self.max_attempts > 0,
+                "jobs_max_attempts_positive",
+                "max_attempts is positive.",
+            ),
+            (
+                self.timeout_us.is_none_or(|t| t > 0),
+                "jobs_timeout_positive",
+                "timeout is positive.",
+            ),
+            (
+                running == (self.lease_token && self.started),
+                "jobs_running_has_owner",
+                "A job is running exactly when it has a lease_token and a started_at.",
+            ),
+            (
+                !(self.worker && self.consumer),
+                "jobs_one_owner",
+                "An executor (worker_id) or a consumer owns a running job, not both.",
+            ),
+            (
+                self.consumer == (self.lease && self.lease_expires) && (!self.consumer || running),
+                "jobs_consumer_has_lease",
+                "A consumer holds a running job, with a lease and its lease_expires_at.",
+            ),
+        ];
+        rules
+            .into_iter()
+            .find(|(holds, _, _)| !holds)
+            .map(|(_, name, says)| (name, says))
+    }
+}
+
+/// The invariants of a row of `queue.jobs`: its one CHECK constraint, `jobs_invariants`
+/// (sql/jobs.sql). One C function rather than a CHECK per invariant because Postgres reads
+/// and plans every CHECK expression of a table again for each INSERT and UPDATE statement:
+/// nine of them (6.8 kB of node trees to parse) cost an enqueue more than writing its row.
+/// Returns true, or raises check_violation naming the invariant the row breaks.
+#[allow(clippy::too_many_arguments)]
+#[pg_extern(immutable, parallel_safe)]
+fn job_invariants(
+    state: AnyElement,
+    waiting_for: i32,
+    on_dependency_failure: Option<&str>,
+    attempts: i32,
+    max_attempts: i32,
+    timeout: Option<Interval>,
+    started_at: Option<TimestampWithTimeZone>,
+    lease_token: Option<Uuid>,
+    worker_id: Option<Uuid>,
+    consumer: Option<&str>,
+    lease: Option<Interval>,
+    lease_expires_at: Option<TimestampWithTimeZone>,
+) -> bool {
+    let row = LiveRow {
+        state: enum_label(&state, JobState::from_label),
+        waiting_for,
+        on_dependency_failure,
+        attempts,
+        max_attempts,
+        timeout_us: timeout.map(|t| t.as_micros()),
+        started: started_at.is_some(),
+        lease_token: lease_token.is_some(),
+        worker: worker_id.is_some(),
+        consumer: consumer.is_some(),
+        lease: lease.is_some(),
+        lease_expires: lease_expires_at.is_some(),
+    };
+    if let Some((name, says)) = row.broken_invariant() {
+        ereport!(
+            PgLogLevel::ERROR,
+            PgSqlErrorCode::ERRCODE_CHECK_VIOLATION,
+            format!("new row for relation \"jobs\" violates check constraint \"{name}\""),
+            says
+        );
+    }
+    true
+}
+
+/// Reads an enum value's label (from the catalog cache: no allocation, no query) and
+/// passes it to `parse`.
+fn enum_label<T>(value: &AnyElement, parse: impl FnOnce(&[u8]) -> Option<T>) -> Option<T> {
+    // SAFETY: a syscache lookup by the value's oid; the tuple is released before returning
+    // and the label is not used past it.
+    unsafe {
+        let tuple =
+            pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::ENUMOID as i32, value.datum());
+        if tuple.is_null() {
+            return None;
+        }
+        let form = &*pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_enum>(tuple);
+        let label = std::ffi::CStr::from_ptr(form.enumlabel.data.as_ptr());
+        let parsed = parse(label.to_bytes());
+        pg_sys::ReleaseSysCache(tuple);
+        parsed
+    }
+}
+
 #[cfg(test)]
 mod unit_tests {
     use super::JobState::{self, *};
+    use super::LiveRow;
 
     #[test]
     fn terminal_states_only_leave_by_retry() {
@@ -87,6 +243,166 @@ mod unit_tests {
                     "{from:?} -> {to:?}"
                 );
             }
+        }
+    }
+
+    /// Each invariant of a live row, broken alone, is the one reported.
+    #[test]
+    fn each_broken_invariant_is_named() {
+        let queued = LiveRow {
+            state: Some(Queued),
+            waiting_for: 0,
+            on_dependency_failure: None,
+            attempts: 0,
+            max_attempts: 3,
+            timeout_us: None,
+            started: false,
+            lease_token: false,
+            worker: false,
+            consumer: false,
+            lease: false,
+            lease_expires: false,
+        };
+        let leased = LiveRow {
+            state: Some(Running),
+            attempts: 1,
+            started: true,
+            lease_token: true,
+            consumer: true,
+            lease: true,
+            lease_expires: true,
+            ..queued
+        };
+        for valid in [
+            queued,
+            leased,
+            LiveRow {
+                state: Some(Waiting),
+                waiting_for: 2,
+                on_dependency_failure: Some("run"),
+                ..queued
+            },
+            LiveRow {
+                attempts: 3,
+                timeout_us: Some(1),
+                ..queued
+            },
+            LiveRow {
+                consumer: false,
+                lease: false,
+                lease_expires: false,
+                worker: true,
+                ..leased
+            },
+        ] {
+            assert_eq!(valid.broken_invariant(), None);
+        }
+        let cases = [
+            (
+                LiveRow {
+                    state: Some(Succeeded),
+                    ..queued
+                },
+                "jobs_live_state",
+            ),
+            (
+                LiveRow {
+                    state: None,
+                    ..queued
+                },
+                "jobs_live_state",
+            ),
+            (
+                LiveRow {
+                    waiting_for: 1,
+                    ..queued
+                },
+                "jobs_waiting_for_dependencies",
+            ),
+            (
+                LiveRow {
+                    state: Some(Waiting),
+                    ..queued
+                },
+                "jobs_waiting_for_dependencies",
+            ),
+            (
+                LiveRow {
+                    on_dependency_failure: Some("skip"),
+                    ..queued
+                },
+                "jobs_dependency_failure_valid",
+            ),
+            (
+                LiveRow {
+                    attempts: 4,
+                    ..queued
+                },
+                "jobs_attempts_in_range",
+            ),
+            (
+                LiveRow {
+                    attempts: -1,
+                    ..queued
+                },
+                "jobs_attempts_in_range",
+            ),
+            (
+                LiveRow {
+                    max_attempts: 0,
+                    ..queued
+                },
+                "jobs_max_attempts_positive",
+            ),
+            (
+                LiveRow {
+                    timeout_us: Some(0),
+                    ..queued
+                },
+                "jobs_timeout_positive",
+            ),
+            (
+                LiveRow {
+                    started: false,
+                    ..leased
+                },
+                "jobs_running_has_owner",
+            ),
+            (
+                LiveRow {
+                    lease_token: true,
+                    started: true,
+                    ..queued
+                },
+                "jobs_running_has_owner",
+            ),
+            (
+                LiveRow {
+                    worker: true,
+                    ..leased
+                },
+                "jobs_one_owner",
+            ),
+            (
+                LiveRow {
+                    lease: false,
+                    ..leased
+                },
+                "jobs_consumer_has_lease",
+            ),
+            (
+                LiveRow {
+                    started: false,
+                    lease_token: false,
+                    state: Some(Queued),
+                    attempts: 0,
+                    ..leased
+                },
+                "jobs_consumer_has_lease",
+            ),
+        ];
+        for (row, name) in cases {
+            assert_eq!(row.broken_invariant().map(|(n, _)| n), Some(name));
         }
     }
 

@@ -18,6 +18,15 @@ EXCEPTION WHEN OTHERS THEN
     RETURN nullif(SQLSTATE, 'QT000');
 END
 $$;
+-- error_of: the same, as SQLSTATE and message.
+CREATE FUNCTION tests.error_of(stmt text) RETURNS text LANGUAGE plpgsql AS $$
+BEGIN
+    EXECUTE stmt;
+    RETURN NULL;
+EXCEPTION WHEN OTHERS THEN
+    RETURN SQLSTATE || ' ' || SQLERRM;
+END
+$$;
 CREATE PROCEDURE tests.noop(payload jsonb) LANGUAGE plpgsql AS $$ BEGIN END $$;
 CREATE FUNCTION tests.two_args(payload jsonb, x int) RETURNS void LANGUAGE sql AS $$ SELECT $$;
 CREATE FUNCTION tests.text_arg(payload text) RETURNS void LANGUAGE sql AS $$ SELECT $$;
@@ -386,23 +395,67 @@ mod tests {
             0
         );
         create("inv");
-        // The CHECK constraints hold even against direct writes.
+        // The invariants (one CHECK, src/state.rs) hold even against direct writes, and the
+        // error names the one broken.
+        let insert = |cols: &str, vals: &str| {
+            format!(
+                "INSERT INTO queue.jobs (id, queue, payload, enqueued_by, run_at, created_at, {cols})
+                 VALUES (gen_random_uuid(), 'inv', '{{}}', 10, now(), now(), {vals})"
+            )
+        };
+        let running = "state, attempts, max_attempts, started_at, lease_token";
         let cases = [
-            "INSERT INTO queue.jobs (id, queue, state, payload, enqueued_by, run_at, max_attempts, created_at)
-             VALUES (gen_random_uuid(), 'inv', 'succeeded', '{}', 10, now(), 1, now())",
-            "INSERT INTO queue.jobs (id, queue, state, payload, enqueued_by, run_at, max_attempts, created_at)
-             VALUES (gen_random_uuid(), 'inv', 'running', '{}', 10, now(), 1, now())",
-            "INSERT INTO queue.jobs (id, queue, state, payload, enqueued_by, run_at, attempts, max_attempts, created_at)
-             VALUES (gen_random_uuid(), 'inv', 'queued', '{}', 10, now(), 2, 1, now())",
-            // waiting exactly while some dependency has not finished
-            "INSERT INTO queue.jobs (id, queue, state, payload, enqueued_by, run_at, max_attempts, created_at)
-             VALUES (gen_random_uuid(), 'inv', 'waiting', '{}', 10, now(), 1, now())",
-            "INSERT INTO queue.jobs (id, queue, state, payload, enqueued_by, run_at, max_attempts, created_at, waiting_for)
-             VALUES (gen_random_uuid(), 'inv', 'queued', '{}', 10, now(), 1, now(), 1)",
+            (insert("state, max_attempts", "'succeeded', 1"), "jobs_live_state"),
+            (insert("state, max_attempts", "'running', 1"), "jobs_running_has_owner"),
+            (insert("state, attempts, max_attempts", "'queued', 2, 1"), "jobs_attempts_in_range"),
+            (insert("state, max_attempts", "'queued', 0"), "jobs_max_attempts_positive"),
+            (insert("state, max_attempts", "'waiting', 1"), "jobs_waiting_for_dependencies"),
+            (
+                insert("state, max_attempts, waiting_for", "'queued', 1, 1"),
+                "jobs_waiting_for_dependencies",
+            ),
+            (
+                insert("state, max_attempts, on_dependency_failure", "'queued', 1, 'skip'"),
+                "jobs_dependency_failure_valid",
+            ),
+            (insert("state, max_attempts, timeout", "'queued', 1, '0s'"), "jobs_timeout_positive"),
+            (
+                insert(
+                    &format!("{running}, worker_id, consumer, lease, lease_expires_at"),
+                    "'running', 1, 1, now(), gen_random_uuid(), gen_random_uuid(), 'c', '1m', now()",
+                ),
+                "jobs_one_owner",
+            ),
+            (
+                insert(&format!("{running}, consumer"), "'running', 1, 1, now(), gen_random_uuid(), 'c'"),
+                "jobs_consumer_has_lease",
+            ),
+            (
+                insert("state, max_attempts, consumer, lease, lease_expires_at", "'queued', 1, 'c', '1m', now()"),
+                "jobs_consumer_has_lease",
+            ),
         ];
-        for stmt in cases {
-            assert_eq!(sqlstate(stmt).as_deref(), Some("23514"), "{stmt}");
+        for (stmt, invariant) in &cases {
+            let error = one::<String>(&format!(
+                "SELECT tests.error_of({})",
+                pgrx::spi::quote_literal(stmt)
+            ));
+            let error = error.unwrap_or_default();
+            assert!(
+                error.starts_with("23514 ") && error.contains(&format!("\"{invariant}\"")),
+                "{stmt}: {error}"
+            );
         }
+        // Updates too, and a valid row passes.
+        Spi::run(&insert("state, max_attempts", "'queued', 1")).expect("a valid job");
+        assert_eq!(
+            sqlstate("UPDATE queue.jobs SET attempts = 5 WHERE queue = 'inv'").as_deref(),
+            Some("23514")
+        );
+        assert_eq!(
+            count("SELECT count(*) FROM queue.jobs WHERE queue = 'inv' AND attempts = 0"),
+            1
+        );
     }
 
     #[pg_test]
