@@ -35,7 +35,7 @@ from cluster import PG_BIN
 PURE = {"uuid_time", "channel", "backoff"}
 # Functions in Rust that read tables on the caller's behalf: API functions like the SQL ones
 # (their SET clause makes them run as the extension owner, the caller recorded).
-RUST_API = {"job_progress"}
+RUST_API = {"job_progress", "enqueue"}
 
 PREAMBLE = os.path.join(os.path.dirname(__file__), "pgspot-schema.sql")
 

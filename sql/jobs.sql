@@ -83,6 +83,10 @@ BEGIN
 END
 $$;
 
+-- enqueue: a C function (src/api/enqueue.rs) for its common case: a job with no unique
+-- key, dependencies, max_attempts or timeout of its own, into a queue the caller may use,
+-- not full, with a payload that fits. Anything else it hands to enqueue_sql below with the
+-- same arguments, and so does every error. Both write the job alike; pgrx-tests check both.
 CREATE FUNCTION queue.enqueue(
     queue        text,
     payload      jsonb       DEFAULT '{}',
@@ -95,15 +99,33 @@ CREATE FUNCTION queue.enqueue(
     depends_on   uuid[]      DEFAULT NULL,
     on_dependency_failure text DEFAULT NULL,
     fair_key     text        DEFAULT NULL)
-RETURNS uuid LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
--- The hot path of every producer: no nested function calls but for the checks that fail
--- (find_queue and authorize raise the errors) and a grantee's check, everything else inline.
+RETURNS uuid LANGUAGE c VOLATILE SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'pg_queue_enqueue';
+COMMENT ON FUNCTION queue.enqueue(text, jsonb, timestamptz, integer, integer, interval, text, interval, uuid[], text, text) IS
+    'Enqueues one job in the caller''s transaction (workers see it at commit) and returns its id. run_at in the future schedules it; lower priority runs first; max_attempts and timeout default to the queue''s. With unique_key: while a job of the queue with that key is live (or succeeded less than unique_for ago), returns its id and adds nothing (queue.enqueue_unique also says which happened). With depends_on: the job waits until those jobs finished; one that failed or was cancelled cancels it, unless on_dependency_failure is ''run''. fair_key: the share of a fair_share queue it belongs to (a tenant, a customer).';
+
+-- enqueue_sql: the whole of enqueue, every option and every error; enqueue's C fast path
+-- hands it whatever is not its common case. Internal: runs as enqueue, its caller's
+-- identity in queue.caller().
+CREATE FUNCTION queue.enqueue_sql(
+    queue        text,
+    payload      jsonb       DEFAULT '{}',
+    run_at       timestamptz DEFAULT NULL,
+    priority     integer     DEFAULT 0,
+    max_attempts integer     DEFAULT NULL,
+    timeout      interval    DEFAULT NULL,
+    unique_key   text        DEFAULT NULL,
+    unique_for   interval    DEFAULT NULL,
+    depends_on   uuid[]      DEFAULT NULL,
+    on_dependency_failure text DEFAULT NULL,
+    fair_key     text        DEFAULT NULL)
+RETURNS uuid LANGUAGE plpgsql AS $$
 DECLARE
     q queue.queues;
     job_id uuid := queue.uuid_generate_v7();
     who oid := queue.caller();
 BEGIN
-    SELECT * INTO q FROM queue.queues x WHERE x.name = enqueue.queue;
+    SELECT * INTO q FROM queue.queues x WHERE x.name = enqueue_sql.queue;
     IF NOT FOUND THEN
         q := queue.find_queue(queue);           -- raises the right error
     END IF;
@@ -125,13 +147,13 @@ BEGIN
        OR on_dependency_failure IS NOT NULL THEN
         RETURN (queue.insert_job(q, who, payload, run_at, priority, max_attempts, timeout,
                                  unique_key, unique_for, depends_on, on_dependency_failure,
-                                 enqueue.fair_key)).id;
+                                 enqueue_sql.fair_key)).id;
     END IF;
     INSERT INTO queue.jobs (id, queue, state, payload, enqueued_by, priority, run_at, max_attempts,
                             timeout, created_at, fair_key)
     VALUES (job_id, q.name, 'queued', payload, who, priority, coalesce(run_at, now()),
             coalesce(max_attempts, q.max_attempts), timeout, now(),
-            CASE WHEN q.fair_share THEN coalesce(enqueue.fair_key, '') ELSE enqueue.fair_key END);
+            CASE WHEN q.fair_share THEN coalesce(enqueue_sql.fair_key, '') ELSE enqueue_sql.fair_key END);
     IF (run_at IS NULL OR run_at <= now()) AND NOT q.paused THEN     -- resume() wakes them
         IF q.notify THEN
             PERFORM pg_notify(queue.channel(q.name), job_id::text);
@@ -142,8 +164,8 @@ BEGIN
     RETURN job_id;
 END
 $$;
-COMMENT ON FUNCTION queue.enqueue(text, jsonb, timestamptz, integer, integer, interval, text, interval, uuid[], text, text) IS
-    'Enqueues one job in the caller''s transaction (workers see it at commit) and returns its id. run_at in the future schedules it; lower priority runs first; max_attempts and timeout default to the queue''s. With unique_key: while a job of the queue with that key is live (or succeeded less than unique_for ago), returns its id and adds nothing (queue.enqueue_unique also says which happened). With depends_on: the job waits until those jobs finished; one that failed or was cancelled cancels it, unless on_dependency_failure is ''run''. fair_key: the share of a fair_share queue it belongs to (a tenant, a customer).';
+COMMENT ON FUNCTION queue.enqueue_sql(text, jsonb, timestamptz, integer, integer, interval, text, interval, uuid[], text, text) IS
+    'Internal: queue.enqueue in PL/pgSQL, for options and errors its C fast path does not take.';
 
 -- insert_job: enqueue's path for a job with a unique key or dependencies, once the
 -- caller passed enqueue's checks.

@@ -520,3 +520,85 @@ ALTER TABLE queue.jobs
     ADD CONSTRAINT jobs_invariants CHECK (queue.job_invariants(
         state, waiting_for, on_dependency_failure, attempts, max_attempts, timeout,
         started_at, lease_token, worker_id, consumer, lease, lease_expires_at));
+
+-- 8. enqueue's common case is a C function (src/api/enqueue.rs); the PL/pgSQL body, as it
+--    was, becomes queue.enqueue_sql, which takes the rest. CREATE OR REPLACE keeps
+--    enqueue's grants and comment; enqueue_sql is new and internal.
+-- enqueue_sql: the whole of enqueue, every option and every error; enqueue's C fast path
+-- hands it whatever is not its common case. Internal: runs as enqueue, its caller's
+-- identity in queue.caller().
+CREATE FUNCTION queue.enqueue_sql(
+    queue        text,
+    payload      jsonb       DEFAULT '{}',
+    run_at       timestamptz DEFAULT NULL,
+    priority     integer     DEFAULT 0,
+    max_attempts integer     DEFAULT NULL,
+    timeout      interval    DEFAULT NULL,
+    unique_key   text        DEFAULT NULL,
+    unique_for   interval    DEFAULT NULL,
+    depends_on   uuid[]      DEFAULT NULL,
+    on_dependency_failure text DEFAULT NULL,
+    fair_key     text        DEFAULT NULL)
+RETURNS uuid LANGUAGE plpgsql AS $$
+DECLARE
+    q queue.queues;
+    job_id uuid := queue.uuid_generate_v7();
+    who oid := queue.caller();
+BEGIN
+    SELECT * INTO q FROM queue.queues x WHERE x.name = enqueue_sql.queue;
+    IF NOT FOUND THEN
+        q := queue.find_queue(queue);           -- raises the right error
+    END IF;
+    IF NOT pg_has_role(who, q.owner, 'USAGE') AND NOT queue.may(who, q, 'enqueue') THEN
+        PERFORM queue.authorize(q.name, 'enqueue');
+    END IF;
+    IF payload IS NULL THEN
+        RAISE EXCEPTION 'payload must not be NULL' USING ERRCODE = 'null_value_not_allowed',
+            HINT = 'Use ''{}'' for a job without data.';
+    END IF;
+    IF q.is_full OR pg_column_size(payload)
+                    > least(q.max_payload_size, current_setting('queue.max_payload_size')::integer) THEN
+        PERFORM queue.check_capacity(q, ARRAY[payload]);
+    END IF;
+    IF priority IS NULL OR max_attempts IS NOT NULL OR timeout IS NOT NULL THEN
+        PERFORM queue.check_job_options(priority, max_attempts, timeout);
+    END IF;
+    IF unique_key IS NOT NULL OR unique_for IS NOT NULL OR depends_on IS NOT NULL
+       OR on_dependency_failure IS NOT NULL THEN
+        RETURN (queue.insert_job(q, who, payload, run_at, priority, max_attempts, timeout,
+                                 unique_key, unique_for, depends_on, on_dependency_failure,
+                                 enqueue_sql.fair_key)).id;
+    END IF;
+    INSERT INTO queue.jobs (id, queue, state, payload, enqueued_by, priority, run_at, max_attempts,
+                            timeout, created_at, fair_key)
+    VALUES (job_id, q.name, 'queued', payload, who, priority, coalesce(run_at, now()),
+            coalesce(max_attempts, q.max_attempts), timeout, now(),
+            CASE WHEN q.fair_share THEN coalesce(enqueue_sql.fair_key, '') ELSE enqueue_sql.fair_key END);
+    IF (run_at IS NULL OR run_at <= now()) AND NOT q.paused THEN     -- resume() wakes them
+        IF q.notify THEN
+            PERFORM pg_notify(queue.channel(q.name), job_id::text);
+        ELSE
+            PERFORM queue.wake_executors(1);
+        END IF;
+    END IF;
+    RETURN job_id;
+END
+$$;
+COMMENT ON FUNCTION queue.enqueue_sql(text, jsonb, timestamptz, integer, integer, interval, text, interval, uuid[], text, text) IS
+    'Internal: queue.enqueue in PL/pgSQL, for options and errors its C fast path does not take.';
+REVOKE ALL ON FUNCTION queue.enqueue_sql(text, jsonb, timestamptz, integer, integer, interval, text,
+    interval, uuid[], text, text) FROM PUBLIC;
+CREATE OR REPLACE FUNCTION queue.enqueue(
+    queue        text,
+    payload      jsonb       DEFAULT '{}',
+    run_at       timestamptz DEFAULT NULL,
+    priority     integer     DEFAULT 0,
+    max_attempts integer     DEFAULT NULL,
+    timeout      interval    DEFAULT NULL,
+    unique_key   text        DEFAULT NULL,
+    unique_for   interval    DEFAULT NULL,
+    depends_on   uuid[]      DEFAULT NULL,
+    on_dependency_failure text DEFAULT NULL,
+    fair_key     text        DEFAULT NULL)
+RETURNS uuid LANGUAGE c VOLATILE SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'pg_queue_enqueue';

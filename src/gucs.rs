@@ -246,6 +246,10 @@ pub fn max_error_length() -> usize {
     MAX_ERROR_LENGTH.get().max(64) as usize
 }
 
+pub fn max_payload_size() -> i32 {
+    MAX_PAYLOAD_SIZE.get()
+}
+
 pub fn max_pending_jobs() -> i64 {
     MAX_PENDING_JOBS.get().max(1) as i64
 }

@@ -387,6 +387,47 @@ mod tests {
         );
     }
 
+    /// enqueue's C fast path and queue.enqueue_sql, which takes any option, write the same
+    /// job (an option equal to the queue's default sends a call to the PL/pgSQL path).
+    #[pg_test]
+    fn enqueue_fast_and_general_paths_write_the_same_job() {
+        create("paths");
+        // Counts the calls that reach the PL/pgSQL path (this transaction's, see below).
+        Spi::run("SET LOCAL track_functions = 'all'").expect("track_functions");
+        let same = |queue: &str, args: &str| {
+            let (fast, general) = (
+                format!("SELECT queue.enqueue('{queue}', {args})"),
+                format!("SELECT queue.enqueue('{queue}', {args}, max_attempts => 5)"),
+            );
+            Spi::run(&fast).expect("fast path");
+            Spi::run(&general).expect("general path");
+            let rows = Spi::get_two::<i64, i64>(&format!(
+                "SELECT count(*), count(DISTINCT to_jsonb(j) - 'id')
+                   FROM queue.jobs j WHERE queue = '{queue}'"
+            ))
+            .expect("rows");
+            assert_eq!(rows, (Some(2), Some(1)), "{args}");
+            Spi::run(&format!("DELETE FROM queue.jobs WHERE queue = '{queue}'")).expect("delete");
+        };
+        same("paths", "'{\"a\": 1}'");
+        same(
+            "paths",
+            "'{}', priority => 3, fair_key => 'k', run_at => now() + interval '1 hour'",
+        );
+        Spi::run("SELECT queue.alter_queue('paths', fair_share => true, max_attempts => 5)")
+            .expect("alter");
+        same("paths", "'[1, 2]'");
+        same("paths", "'{}', fair_key => 'tenant'");
+        // Only the four calls with an option went to PL/pgSQL: the others took the fast path.
+        assert_eq!(
+            count(
+                "SELECT pg_stat_get_xact_function_calls('queue.enqueue_sql(text, jsonb, timestamptz,
+                    integer, integer, interval, text, interval, uuid[], text, text)'::regprocedure)"
+            ),
+            4
+        );
+    }
+
     #[pg_test]
     fn state_machine_and_table_invariants() {
         assert_eq!(count("SELECT count(*) FROM queue.job_transitions()"), 12);

@@ -1,6 +1,8 @@
 //! SQL functions written in Rust. The rest of the SQL API is plain SQL in `sql/`
 //! (queues.sql, jobs.sql), where named arguments, defaults and errors read best.
 
+mod enqueue;
+
 use pgrx::prelude::*;
 use std::cell::Cell;
 

@@ -155,7 +155,7 @@ unsafe extern "C-unwind" fn forget_functions(_arg: pg_sys::Datum, _cache: i32, _
 /// The role that called the API function running now (see the module doc). Internal:
 /// only pg_queue's own functions call it.
 #[pg_extern(volatile, parallel_restricted)]
-fn caller() -> pg_sys::Oid {
+pub(crate) fn caller() -> pg_sys::Oid {
     match FRAMES.with_borrow(|f| f.last().map(|top| top.user)) {
         Some(user) => user,
         None => {
