@@ -602,3 +602,7 @@ CREATE OR REPLACE FUNCTION queue.enqueue(
     fair_key     text        DEFAULT NULL)
 RETURNS uuid LANGUAGE c VOLATILE SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'pg_queue_enqueue';
+
+-- 9. Consumers' leases get an index of their own (sql/schema.sql): the reaper reads
+--    jobs_running_idx only once an executor exited.
+CREATE INDEX jobs_leases_idx ON queue.jobs (lease_expires_at) WHERE state = 'running' AND consumer IS NOT NULL;

@@ -136,10 +136,13 @@ CREATE INDEX jobs_ready_idx ON queue.jobs (queue, priority, run_at, id) WHERE st
 -- sleep until the next one, the launcher announces them to NOTIFY consumers. A job ready
 -- at once (run_at = created_at) is not in it, so a large backlog costs these readers nothing.
 CREATE INDEX jobs_scheduled_idx ON queue.jobs (run_at) WHERE state = 'queued' AND run_at > created_at;
--- Per-queue concurrency and the reaper. By start time too: an executor counts a queue's
+-- Per-queue concurrency, and the reaper once an executor exited. By start time too: an executor counts a queue's
 -- running jobs from the oldest start it last saw among them (src/worker/cursors.rs), not
 -- past the entries of every job run since a long transaction elsewhere began.
 CREATE INDEX jobs_running_idx ON queue.jobs (queue, started_at) WHERE state = 'running';
+-- Consumers' leases: the reaper finds the expired ones, the scheduler the next to expire.
+-- Jobs that executors run are not in it, so a long transaction elsewhere leaves it small.
+CREATE INDEX jobs_leases_idx ON queue.jobs (lease_expires_at) WHERE state = 'running' AND consumer IS NOT NULL;
 -- Unique keys: every row of queue.jobs is live, so this index is the whole guarantee
 -- (enqueue inserts with ON CONFLICT DO NOTHING; no check-then-insert race).
 CREATE UNIQUE INDEX jobs_unique_key_idx ON queue.jobs (queue, unique_key) WHERE unique_key IS NOT NULL;

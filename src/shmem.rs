@@ -122,6 +122,9 @@ pub struct Registry {
     databases: [Database; MAX_DATABASES],
     /// The launcher's pgprocno, for setting its latch (-1 before it started).
     launcher_procno: AtomicI32,
+    /// Executors that left the registry since the server started: while it stays the same,
+    /// every job an executor holds belongs to a live one, and the reaper need not look.
+    exits: AtomicU64,
 }
 
 /// Most databases the launcher serves at once.
@@ -190,6 +193,7 @@ impl Registry {
                 not_before_ms: AtomicI64::new(0),
             }),
             launcher_procno: AtomicI32::new(-1),
+            exits: AtomicU64::new(0),
         }
     }
 }
@@ -258,10 +262,20 @@ pub fn release_executor(slot: usize, pid: i32) {
         // registers, a reserved slot carries no id (its dead predecessor's jobs get reaped).
         s.id_hi.store(0, Ordering::Relaxed);
         s.id_lo.store(0, Ordering::Relaxed);
-        let _ = s
-            .pid
-            .compare_exchange(pid, 0, Ordering::AcqRel, Ordering::Relaxed);
+        if s.pid
+            .compare_exchange(pid, 0, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
+            if let Some(r) = registry() {
+                r.exits.fetch_add(1, Ordering::AcqRel);
+            }
+        }
     }
+}
+
+/// How many executors left the registry since the server started (None without one).
+pub fn executor_exits() -> Option<u64> {
+    registry().map(|r| r.exits.load(Ordering::Acquire))
 }
 
 /// Marks the executor in `slot` as about to look for work (true) or busy (false).

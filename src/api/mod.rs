@@ -165,8 +165,8 @@ fn executors() -> TableIterator<
 /// One reap pass now, as the launcher runs it every `queue.maintenance_interval`.
 #[pg_extern(volatile)]
 fn reap() -> i64 {
-    match crate::worker::maintenance::reap_dead_owners() {
-        Ok(n) => n,
+    match crate::worker::maintenance::reap_dead_owners(true) {
+        Ok((n, _)) => n,
         Err(e) => pgrx::error!("reap failed: {e}"),
     }
 }

@@ -241,7 +241,7 @@ impl Executor {
         self.claimed.clear();
         let id = self.id;
         let msg = format!("executor batch failed: {}", e.message);
-        let r = transaction(move || super::maintenance::reap(&[], Some(id), None, &msg));
+        let r = transaction(move || super::maintenance::reap(&[], Some(id), None, &msg, true));
         if let Err(e2) = r.and_then(|r| r) {
             log!("pg_queue executor: could not release jobs: {e2}; exiting so the reaper does");
             // SAFETY: exit code 1: the slot is freed and the launcher starts a new executor.

@@ -25,6 +25,9 @@ const ANNOUNCE_LOOKBACK: Duration = Duration::from_secs(1);
 const RETENTION_EVERY_TICKS: u32 = 10;
 /// Passes between ticks are at least this far apart.
 const MIN_PASS_GAP: Duration = Duration::from_millis(5);
+/// The reaper looks for jobs of executors gone from the registry when one left it, and at
+/// least this often in any case (it reads an entry per job run since the oldest snapshot).
+const EXECUTOR_REAP_INTERVAL: Duration = Duration::from_secs(60);
 
 #[pg_guard]
 #[unsafe(no_mangle)]
@@ -44,6 +47,7 @@ pub extern "C-unwind" fn pg_queue_scheduler_main(arg: pg_sys::Datum) {
     let mut rolled_up = None;
     let mut serving = false;
     let mut last_share = None;
+    let mut reaped = ReapedExecutors::default();
     loop {
         super::reload_config_if_asked();
         let interval = gucs::maintenance_interval();
@@ -89,7 +93,7 @@ pub extern "C-unwind" fn pg_queue_scheduler_main(arg: pg_sys::Datum) {
                 }
                 ticks = ticks.wrapping_add(1);
             }
-            reap_dead_owners();
+            reaped.reap();
             fire_schedules();
             let lookback = if tick {
                 ANNOUNCE_LOOKBACK
@@ -202,15 +206,39 @@ fn forget_dead_executors() {
     shmem::forget_dead_executors(my_db());
 }
 
-/// Running jobs whose executor is not alive, or whose consumer's lease expired, go back to
-/// queued (or failed).
-fn reap_dead_owners() {
-    match transaction(maintenance::reap_dead_owners) {
-        Ok(Ok(0)) => {}
-        Ok(Ok(n)) => {
-            log!("pg_queue scheduler: reaped {n} jobs of dead executors or expired leases")
+/// Which executors' jobs the reaper has looked at: as of how many exits from the registry,
+/// and when.
+#[derive(Default)]
+struct ReapedExecutors {
+    exits: Option<u64>,
+    at: Option<Instant>,
+}
+
+impl ReapedExecutors {
+    /// Running jobs whose consumer's lease expired go back to queued (or failed), and so do
+    /// those of executors that are not alive, when one left the registry since the last
+    /// look (or a minute passed).
+    fn reap(&mut self) {
+        let exits = shmem::executor_exits();
+        let executors = exits.is_none()
+            || self.exits != exits
+            || self
+                .at
+                .is_none_or(|t| t.elapsed() >= EXECUTOR_REAP_INTERVAL);
+        match transaction(|| maintenance::reap_dead_owners(executors)) {
+            Ok(Ok((n, all))) => {
+                if n > 0 {
+                    log!("pg_queue scheduler: reaped {n} jobs of dead executors or expired leases");
+                }
+                if executors && all {
+                    *self = ReapedExecutors {
+                        exits,
+                        at: Some(Instant::now()),
+                    };
+                }
+            }
+            Ok(Err(e)) | Err(e) => log!("pg_queue scheduler: reaping failed: {e}"),
         }
-        Ok(Err(e)) | Err(e) => log!("pg_queue scheduler: reaping failed: {e}"),
     }
 }
 
