@@ -86,7 +86,7 @@ $$;
 -- enqueue: a C function (src/api/enqueue.rs) for its common case: a job with no unique
 -- key, dependencies, max_attempts or timeout of its own, into a queue the caller may use,
 -- not full, with a payload that fits. Anything else it hands to enqueue_sql below with the
--- same arguments, and so does every error. Both write the job alike; pgrx-tests check both.
+-- same arguments, and so does every error. Both write the job alike (a pg_test checks it).
 CREATE FUNCTION queue.enqueue(
     queue        text,
     payload      jsonb       DEFAULT '{}',
