@@ -184,7 +184,7 @@ fn job_invariants(
     lease_expires_at: Option<TimestampWithTimeZone>,
 ) -> bool {
     let row = LiveRow {
-        state: enum_label(&state, JobState::from_label),
+        state: job_state(&state),
         waiting_for,
         on_dependency_failure,
         attempts,
@@ -208,9 +208,9 @@ fn job_invariants(
     true
 }
 
-/// Reads an enum value's label (from the catalog cache: no allocation, no query) and
-/// passes it to `parse`.
-fn enum_label<T>(value: &AnyElement, parse: impl FnOnce(&[u8]) -> Option<T>) -> Option<T> {
+/// The state a `queue.job_state` value names, read from the catalog cache (no query, no
+/// allocation); None for a value that is not one of ours.
+fn job_state(value: &AnyElement) -> Option<JobState> {
     // SAFETY: a syscache lookup by the value's oid; the tuple is released before returning
     // and the label is not used past it.
     unsafe {
@@ -221,9 +221,9 @@ fn enum_label<T>(value: &AnyElement, parse: impl FnOnce(&[u8]) -> Option<T>) -> 
         }
         let form = &*pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_enum>(tuple);
         let label = std::ffi::CStr::from_ptr(form.enumlabel.data.as_ptr());
-        let parsed = parse(label.to_bytes());
+        let state = JobState::from_label(label.to_bytes());
         pg_sys::ReleaseSysCache(tuple);
-        parsed
+        state
     }
 }
 

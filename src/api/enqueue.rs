@@ -13,8 +13,10 @@
 
 use crate::security::api::caller;
 use pgrx::datum::DatumWithOid;
+use pgrx::pg_sys::BuiltinOid::*;
 use pgrx::pg_sys::{self, Oid};
 use pgrx::prelude::*;
+use pgrx::PgOid::{self, BuiltIn};
 
 /// The queue, and whether the fast path may insert: the caller holds enqueue on it (as a
 /// member of its owner, else by a grant), and the payload is within both size limits of a
@@ -39,18 +41,18 @@ const DELEGATE_SQL: &str = "SELECT queue.enqueue_sql($1, $2, $3, $4, $5, $6, $7,
 
 /// The argument types of `queue.enqueue(queue, payload, run_at, priority, max_attempts,
 /// timeout, unique_key, unique_for, depends_on, on_dependency_failure, fair_key)`.
-const ARG_TYPES: [pg_sys::Oid; 11] = [
-    pg_sys::TEXTOID,
-    pg_sys::JSONBOID,
-    pg_sys::TIMESTAMPTZOID,
-    pg_sys::INT4OID,
-    pg_sys::INT4OID,
-    pg_sys::INTERVALOID,
-    pg_sys::TEXTOID,
-    pg_sys::INTERVALOID,
-    pg_sys::UUIDARRAYOID,
-    pg_sys::TEXTOID,
-    pg_sys::TEXTOID,
+const ARG_TYPES: [PgOid; 11] = [
+    BuiltIn(TEXTOID),
+    BuiltIn(JSONBOID),
+    BuiltIn(TIMESTAMPTZOID),
+    BuiltIn(INT4OID),
+    BuiltIn(INT4OID),
+    BuiltIn(INTERVALOID),
+    BuiltIn(TEXTOID),
+    BuiltIn(INTERVALOID),
+    BuiltIn(UUIDARRAYOID),
+    BuiltIn(TEXTOID),
+    BuiltIn(TEXTOID),
 ];
 const QUEUE: usize = 0;
 const PAYLOAD: usize = 1;
@@ -76,7 +78,8 @@ pub unsafe extern "C-unwind" fn pg_queue_enqueue(
     let args: Vec<DatumWithOid<'_>> = ARG_TYPES
         .iter()
         .enumerate()
-        .map(|(i, &oid)| unsafe {
+        .map(|(i, oid)| unsafe {
+            let oid = oid.value();
             if pgrx::fcinfo::pg_arg_is_null(fcinfo, i) {
                 DatumWithOid::null_oid(oid)
             } else {
@@ -105,10 +108,10 @@ fn fast_path(args: &[DatumWithOid<'_>]) -> Option<pgrx::Uuid> {
             client,
             LOOKUP_SQL,
             &[
-                pg_sys::TEXTOID,
-                pg_sys::OIDOID,
-                pg_sys::JSONBOID,
-                pg_sys::INT4OID,
+                BuiltIn(TEXTOID),
+                BuiltIn(OIDOID),
+                BuiltIn(JSONBOID),
+                BuiltIn(INT4OID),
             ],
         );
         let limit = crate::gucs::max_payload_size();
@@ -147,14 +150,14 @@ fn fast_path(args: &[DatumWithOid<'_>]) -> Option<pgrx::Uuid> {
             client,
             INSERT_SQL,
             &[
-                pg_sys::UUIDOID,
-                pg_sys::TEXTOID,
-                pg_sys::JSONBOID,
-                pg_sys::REGROLEOID,
-                pg_sys::INT4OID,
-                pg_sys::TIMESTAMPTZOID,
-                pg_sys::INT4OID,
-                pg_sys::TEXTOID,
+                BuiltIn(UUIDOID),
+                BuiltIn(TEXTOID),
+                BuiltIn(JSONBOID),
+                BuiltIn(REGROLEOID),
+                BuiltIn(INT4OID),
+                BuiltIn(TIMESTAMPTZOID),
+                BuiltIn(INT4OID),
+                BuiltIn(TEXTOID),
             ],
         );
         client
@@ -182,7 +185,7 @@ fn fast_path(args: &[DatumWithOid<'_>]) -> Option<pgrx::Uuid> {
         // queue wakes nobody (resume does).
         if run_at <= now && !paused {
             if notify {
-                let notify = plan(client, NOTIFY_SQL, &[pg_sys::TEXTOID, pg_sys::TEXTOID]);
+                let notify = plan(client, NOTIFY_SQL, &[BuiltIn(TEXTOID), BuiltIn(TEXTOID)]);
                 let text = uuid::Uuid::from_bytes(*id.as_bytes()).to_string();
                 client
                     .update(
@@ -223,8 +226,7 @@ fn raw_arg(datum: Option<pg_sys::Datum>, oid: Oid) -> DatumWithOid<'static> {
 fn plan(
     client: &pgrx::spi::SpiClient<'_>,
     sql: &str,
-    types: &[Oid],
+    types: &[PgOid],
 ) -> std::rc::Rc<pgrx::spi::OwnedPreparedStatement> {
-    let types: Vec<pgrx::PgOid> = types.iter().map(|&o| pgrx::PgOid::from(o)).collect();
-    crate::worker::kept(client, sql, &types).unwrap_or_else(|e| pgrx::error!("{e}"))
+    crate::worker::kept(client, sql, types).unwrap_or_else(|e| pgrx::error!("{e}"))
 }

@@ -24,6 +24,9 @@ const REAP_LIMIT: i64 = 1000;
 /// and reading them all every second cost the scheduler 45 ms after five minutes.
 const REAP_SQL: &str = "
 WITH dead AS (
+    -- The candidates are listed by the ARRAY below; the CASE says it again so that a row
+    -- changed meanwhile is checked anew when locked. Its state tests are inside the CASE
+    -- so that the planner cannot read this scan from jobs_running_idx.
     SELECT id, CASE WHEN consumer IS NULL THEN $4::text
                     ELSE 'lease expired (consumer ' || consumer || ')' END AS message
       FROM queue.jobs
