@@ -484,11 +484,14 @@ pub fn report_activity(what: &str, active: bool) {
 /// the cumulative statistics system, at most once a second. A regular backend does this
 /// when it goes idle; a background worker must do it itself, or autovacuum never learns of
 /// the dead tuples its updates and deletes leave in queue.jobs. Call between transactions.
-pub fn report_table_stats() {
+/// Returns how soon the counts it could not hand over yet may be (None: none left), so
+/// that a worker going idle wakes to hand over its last second's counts.
+pub fn report_table_stats() -> Option<std::time::Duration> {
     // SAFETY: outside a transaction, as PostgresMain calls it; false: rate-limited.
-    unsafe {
-        pg_sys::pgstat_report_stat(false);
-    }
+    let pending = unsafe { pg_sys::pgstat_report_stat(false) };
+    // It asks to be called again in 10 s when it declined for being called within a second
+    // of its last flush; a flush a second later is allowed.
+    (pending > 0).then(|| std::time::Duration::from_millis(pending.clamp(1, 1000) as u64))
 }
 
 /// Sets application_name, so workers are recognisable in pg_stat_activity.
