@@ -110,6 +110,39 @@ def test_claims_under_a_held_snapshot(cluster, db, name):
                   (name,)) == 0
 
 
+def test_backlog_of_one_transaction(cluster, db, name):
+    """A backlog enqueued in one transaction shares one run_at (its transaction's now()):
+    claims resume after the last job they took, not at the start of that run_at, so that
+    each claim does not read again the entries of every job claimed before it."""
+    db.execute(f"CREATE PROCEDURE {name}_h(payload jsonb) LANGUAGE sql AS $$ SELECT 1 $$")
+    db.execute("SELECT queue.create_queue(%s, %s, concurrency => 10000, paused => true)",
+               (name, f"{name}_h(jsonb)"))
+    backlog = 20_000
+    db.execute("SELECT count(*) FROM queue.enqueue_many(%s, array_fill('{}'::jsonb, ARRAY[%s]))",
+               (name, backlog))
+    holder = psycopg.connect(cluster.dsn())
+    try:
+        # Held: the entries of claimed jobs can be neither removed nor marked dead.
+        holder.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        holder.execute("SELECT count(*) FROM queue.jobs")
+        time.sleep(1.2)     # executors flush their index statistics at most once a second
+        before = index_reads(db)["jobs_ready_idx"]
+        db.execute("SELECT queue.resume(%s)", (name,))
+        wait_terminal(db, name, backlog, timeout=120)
+        # Each job was read at least once; the executors' last counts follow within a second.
+        wait_for(lambda: index_reads(db)["jobs_ready_idx"] - before >= backlog,
+                 timeout=30, what="the executors' index statistics")
+        time.sleep(1.2)
+        per_job = (index_reads(db)["jobs_ready_idx"] - before) / backlog
+        # Claims of 64 from the start of the run_at read 20 000 / 128 = 156 entries per job
+        # on average; full passes from the head take a fiftieth of the executors' time.
+        print(f"{backlog:,} jobs of one transaction: {per_job:.1f} entries of jobs_ready_idx read per job")
+        assert per_job < 40, per_job
+    finally:
+        holder.close()
+    assert wait_terminal(db, name, backlog) == {"succeeded": backlog}
+
+
 def seq_scans_of_jobs(db):
     """Sequential scans of queue.jobs so far, by every process (executors flush their
     counts at most once a second)."""

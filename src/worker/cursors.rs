@@ -6,19 +6,23 @@
 //! those entries cannot be removed (nor marked dead), and each costs a heap visit. So under
 //! a long transaction elsewhere, claims from the head grow slower by the second
 //! (docs/design.md "Under a held snapshot"). An executor therefore remembers the key of
-//! the last job it claimed from each queue and starts its next claim there, less
-//! `MARGIN_US` of run_at; jobs of a higher priority (lower number) are looked for from the
-//! head of theirs.
+//! the last job it claimed from each queue and starts its next claim there: at that key for
+//! jobs of its run_at, and `MARGIN_US` of run_at before it for jobs of earlier run_ats (the
+//! window); jobs of a higher priority (lower number) are looked for from the head of theirs.
+//! The window leaves out the earlier jobs of the last one's own run_at: those came from its
+//! transaction (run_at is a transaction's now()), committed with it and were claimed in
+//! order, so that a backlog enqueued in one transaction is not walked again by each claim.
 //!
 //! A job can become ready behind a cursor: committed by a transaction that began more than
-//! the margin earlier (its run_at is its transaction's now()), enqueued with a run_at in
-//! the past, released by its last dependency, put back by a batch that rolled back. So:
+//! the margin earlier (its run_at is its transaction's now()) or in the same microsecond as
+//! the last one claimed, enqueued with a run_at in the past, released by its last
+//! dependency, put back by a batch that rolled back. So:
 //! - a transaction that made jobs ready and took longer than half the margin rewinds every
 //!   executor's cursors to its start at commit (`shmem::request_rewind`); a batch that
 //!   rolled back, or jobs handed back at shutdown, rewind them to the head;
 //! - full passes look from the head of every queue (in the ready-queues check, before any
 //!   claim lock: a limited queue's other claims do not wait for the walk) and claim from
-//!   the first ready job found, less the margin: before an executor goes idle (an idle
+//!   the first ready job found, with its window: before an executor goes idle (an idle
 //!   executor has seen every ready job), and otherwise at least every
 //!   `MAX_FULL_INTERVAL`, within a fiftieth of the executor's time (the interval is 49
 //!   times what the last full pass cost). Without an old snapshot a full pass costs what a
@@ -42,11 +46,13 @@ const FULL_PASS_COST_SHARE: u32 = 50;
 /// Cursors kept at most (one per queue claimed from).
 const MAX_QUEUES: usize = 1024;
 
-/// A position in a queue's claim order: priority, then run_at (Postgres microseconds).
+/// A position in a queue's claim order: priority, run_at (Postgres microseconds), id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Key {
     pub priority: i32,
     pub run_at: i64,
+    /// The job's uuid, whose byte order is Postgres's.
+    pub id: [u8; 16],
 }
 
 impl Key {
@@ -54,7 +60,13 @@ impl Key {
     pub const HEAD: Key = Key {
         priority: i32::MIN,
         run_at: i64::MIN,
+        id: [0; 16],
     };
+
+    /// Where the window of earlier run_ats looked at from this key begins.
+    pub fn window_start(&self) -> i64 {
+        self.run_at.saturating_sub(MARGIN_US)
+    }
 }
 
 struct Cursors {
@@ -89,8 +101,9 @@ pub fn rewind(to: i64) {
         if to == i64::MIN {
             c.keys.clear();
         } else {
-            for k in c.keys.values_mut() {
-                k.run_at = k.run_at.min(to);
+            for k in c.keys.values_mut().filter(|k| to <= k.run_at) {
+                k.run_at = to;
+                k.id = [0; 16];
             }
         }
     })
@@ -141,33 +154,21 @@ pub fn full_pass_done(started: Instant) {
     });
 }
 
-/// Where a claim of `queue` starts: its cursor less the margin, or the head of the queue
-/// without a cursor. A full pass starts at `first`, the first ready job it found from the
-/// head before the claim lock (the walk past dead entries then holds no lock), less the
-/// margin: a job committed meanwhile behind it is one of a transaction that began before
-/// it, as for a cursor; without `first`, from the head.
+/// Where a claim of `queue` starts (with its window before it): its cursor, or the head of
+/// the queue without one. A full pass starts at `first`, the first ready job it found from
+/// the head before the claim lock (the walk past dead entries then holds no lock): a job
+/// committed meanwhile behind it is one of a transaction that began before it, as for a
+/// cursor; without `first`, from the head.
 pub fn start(queue: &str, full: bool, first: Option<Key>) -> Key {
     if full {
-        return first.as_ref().map_or(Key::HEAD, less_margin);
+        return first.unwrap_or(Key::HEAD);
     }
-    CURSORS.with_borrow(|c| c.keys.get(queue).map_or(Key::HEAD, less_margin))
+    CURSORS.with_borrow(|c| c.keys.get(queue).copied().unwrap_or(Key::HEAD))
 }
 
-fn less_margin(k: &Key) -> Key {
-    Key {
-        priority: k.priority,
-        run_at: k.run_at.saturating_sub(MARGIN_US),
-    }
-}
-
-/// The start of every queue with a cursor (for the check of which queues have ready jobs).
+/// Every queue's cursor (for the check of which queues have ready jobs).
 pub fn starts() -> Vec<(String, Key)> {
-    CURSORS.with_borrow(|c| {
-        c.keys
-            .iter()
-            .map(|(q, k)| (q.clone(), less_margin(k)))
-            .collect()
-    })
+    CURSORS.with_borrow(|c| c.keys.iter().map(|(q, k)| (q.clone(), *k)).collect())
 }
 
 /// A claim of `queue` took jobs up to `last` (the greatest key it claimed): every ready
@@ -202,4 +203,35 @@ pub fn counted_running(queue: &str, oldest: i64) {
         }
         c.running_from.insert(queue.to_string(), oldest);
     })
+}
+
+#[cfg(test)]
+mod unit_tests {
+    use super::*;
+
+    #[test]
+    fn cursors_resume_after_the_last_job_and_rewind_before_it() {
+        let last = Key {
+            priority: 0,
+            run_at: 5_000_000,
+            id: [7; 16],
+        };
+        claimed("q", last);
+        // The claim resumes at the last job; its window covers the margin before its run_at.
+        assert_eq!(start("q", false, None), last);
+        assert_eq!(last.window_start(), 5_000_000 - MARGIN_US);
+        assert_eq!(start("other", false, None), Key::HEAD);
+        // A full pass starts at the first ready job it found, else at the head.
+        assert_eq!(start("q", true, None), Key::HEAD);
+        // A rewind to a later time keeps the cursor; to its run_at or before, every job of
+        // that run_at is looked at again.
+        rewind(6_000_000);
+        assert_eq!(start("q", false, None), last);
+        rewind(5_000_000);
+        assert_eq!(start("q", false, None).id, [0; 16]);
+        rewind(1_000_000);
+        assert_eq!(start("q", false, None).run_at, 1_000_000);
+        rewind(i64::MIN);
+        assert_eq!(start("q", false, None), Key::HEAD);
+    }
 }

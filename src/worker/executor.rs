@@ -654,8 +654,9 @@ fn record(client: &mut SpiClient<'_>, outcomes: &[Outcome]) -> Result<(), SqlErr
 
 /// Queues with ready jobs that executors serve, with how to call their handlers and as
 /// whom (the owner, if that role still exists). A queue's ready jobs are looked for from
-/// where this executor's claims of it resume ($1..$3: queue, priority, run_at; the head of
-/// the queue without one), and before it among higher priorities (worker/cursors.rs); the
+/// where this executor's claims of it resume ($1..$5: queue, priority, window start,
+/// run_at, id; the head of the queue without one), in its window, and before it among
+/// higher priorities (worker/cursors.rs); the
 /// first one's key is where a full pass claims from, so that the walk from the head of the
 /// index happens here, before the claim lock. The checks read the index in claim order, so
 /// that the planner never scans the table.
@@ -669,22 +670,29 @@ SELECT q.name, q.concurrency, q.owner::oid,
        p.prokind = 'f' AND p.prorettype = 'jsonb'::regtype,
        q.search_path, EXISTS (SELECT 1 FROM pg_authid r WHERE r.oid = q.owner), q.max_snoozes,
        q.rate_limit, (extract(epoch FROM q.rate_window) * 1000000)::int8, q.fair_share,
-       q.key_concurrency, f.priority, f.run_at
+       q.key_concurrency, f.priority, f.run_at, f.id
   FROM queue.queues q
   LEFT JOIN pg_proc p ON p.oid = to_regprocedure(q.handler)
   LEFT JOIN pg_namespace n ON n.oid = p.pronamespace
-  LEFT JOIN unnest($1::text[], $2::int4[], $3::timestamptz[]) AS c(name, priority, run_at)
+  LEFT JOIN unnest($1::text[], $2::int4[], $3::timestamptz[], $4::timestamptz[], $5::uuid[])
+         AS c(name, priority, window_start, run_at, id)
          ON c.name = q.name
   CROSS JOIN LATERAL (
-      (SELECT j.priority, j.run_at FROM queue.jobs j
+      (SELECT j.priority, j.run_at, j.id FROM queue.jobs j
         WHERE j.queue = q.name AND j.state = 'queued' AND j.run_at <= statement_timestamp()
           AND j.priority < coalesce(c.priority, -2147483648)
         ORDER BY j.priority, j.run_at, j.id LIMIT 1)
       UNION ALL
-      (SELECT j.priority, j.run_at FROM queue.jobs j
+      (SELECT j.priority, j.run_at, j.id FROM queue.jobs j
         WHERE j.queue = q.name AND j.state = 'queued' AND j.run_at <= statement_timestamp()
-          AND (j.priority, j.run_at) >= (coalesce(c.priority, -2147483648),
-                                         coalesce(c.run_at, '-infinity'))
+          AND j.priority = c.priority AND j.run_at >= c.window_start AND j.run_at < c.run_at
+        ORDER BY j.priority, j.run_at, j.id LIMIT 1)
+      UNION ALL
+      (SELECT j.priority, j.run_at, j.id FROM queue.jobs j
+        WHERE j.queue = q.name AND j.state = 'queued' AND j.run_at <= statement_timestamp()
+          AND (j.priority, j.run_at, j.id) >= (coalesce(c.priority, -2147483648),
+                                               coalesce(c.run_at, '-infinity'),
+                                               coalesce(c.id, '00000000-0000-0000-0000-000000000000'))
         ORDER BY j.priority, j.run_at, j.id LIMIT 1)
       LIMIT 1) f
  WHERE NOT q.paused AND NOT q.notify
@@ -695,9 +703,9 @@ SELECT q.name, q.concurrency, q.owner::oid,
 /// limit (counted by COUNT_RUNNING_SQL; $3 and $5 serve CLAIM_FAIR_SQL). Claims of a queue
 /// with a limit are serialised by a transaction-scoped advisory lock (released at our
 /// commit), so that two executors counting its running jobs cannot both take the last place.
-/// The jobs are taken in claim order from ($6, $7), where this executor's claims of the
-/// queue resume, after any of a higher priority (worker/cursors.rs); the outer LIMIT locks
-/// only the rows it takes. The claimed rows are updated by `id = ANY(ARRAY(...))`: the
+/// The jobs are taken in claim order: any of a higher priority than $6, those of run_at
+/// from $7 to before $8 (the window), then from ($6, $8, $9), where this executor's claims
+/// of the queue resume (worker/cursors.rs); the outer LIMIT locks only the rows it takes. The claimed rows are updated by `id = ANY(ARRAY(...))`: the
 /// LIMIT is an expression the planner cannot estimate, and a join on it would hash the
 /// whole jobs table.
 const CLAIM_SQL: &str = "
@@ -713,10 +721,18 @@ WITH c AS (
     SELECT b.id FROM (
         SELECT id FROM queue.jobs
          WHERE queue = $1 AND state = 'queued' AND run_at <= statement_timestamp()
-           AND (priority, run_at) >= ($6, $7)
+           AND priority = $6 AND run_at >= $7 AND run_at < $8
          ORDER BY priority, run_at, id
          LIMIT $2
          FOR UPDATE SKIP LOCKED) b
+    UNION ALL
+    SELECT c.id FROM (
+        SELECT id FROM queue.jobs
+         WHERE queue = $1 AND state = 'queued' AND run_at <= statement_timestamp()
+           AND (priority, run_at, id) >= ($6, $8, $9)
+         ORDER BY priority, run_at, id
+         LIMIT $2
+         FOR UPDATE SKIP LOCKED) c
     LIMIT CASE WHEN (SELECT NOT paused AND coalesce(throttled_until <= statement_timestamp(), true)
                        FROM queue.queues WHERE name = $1) IS NOT TRUE THEN 0
                ELSE $2 END
@@ -864,8 +880,16 @@ fn ready_queues(client: &mut SpiClient<'_>, full: bool) -> Result<Vec<ReadyQueue
     let starts = if full { Vec::new() } else { cursors::starts() };
     let names: Vec<&str> = starts.iter().map(|(q, _)| q.as_str()).collect();
     let priorities: Vec<i32> = starts.iter().map(|(_, k)| k.priority).collect();
+    let window_starts: Vec<TimestampWithTimeZone> = starts
+        .iter()
+        .map(|(_, k)| run_at_arg(k.window_start()))
+        .collect();
     let run_ats: Vec<TimestampWithTimeZone> =
         starts.iter().map(|(_, k)| run_at_arg(k.run_at)).collect();
+    let ids: Vec<pgrx::Uuid> = starts
+        .iter()
+        .map(|(_, k)| pgrx::Uuid::from_bytes(k.id))
+        .collect();
     let ready = kept(
         client,
         READY_QUEUES_SQL,
@@ -873,12 +897,20 @@ fn ready_queues(client: &mut SpiClient<'_>, full: bool) -> Result<Vec<ReadyQueue
             BuiltIn(TEXTARRAYOID),
             BuiltIn(INT4ARRAYOID),
             BuiltIn(TIMESTAMPTZARRAYOID),
+            BuiltIn(TIMESTAMPTZARRAYOID),
+            BuiltIn(UUIDARRAYOID),
         ],
     )?;
     for row in client.update(
         &*ready,
         None,
-        &[names.into(), priorities.into(), run_ats.into()],
+        &[
+            names.into(),
+            priorities.into(),
+            window_starts.into(),
+            run_ats.into(),
+            ids.into(),
+        ],
     )? {
         let name: Option<String> = row.get(1)?;
         let Some(name) = name else { continue };
@@ -916,10 +948,15 @@ fn ready_queues(client: &mut SpiClient<'_>, full: bool) -> Result<Vec<ReadyQueue
             },
             name,
             timeout_ms: row.get::<i32>(4)?.unwrap_or(300_000),
-            first: match (row.get::<i32>(14)?, row.get::<TimestampWithTimeZone>(15)?) {
-                (Some(priority), Some(run_at)) => Some(cursors::Key {
+            first: match (
+                row.get::<i32>(14)?,
+                row.get::<TimestampWithTimeZone>(15)?,
+                row.get::<pgrx::Uuid>(16)?,
+            ) {
+                (Some(priority), Some(run_at), Some(id)) => Some(cursors::Key {
                     priority,
                     run_at: run_at.into(),
+                    id: *id.as_bytes(),
                 }),
                 _ => None,
             },
@@ -1032,8 +1069,18 @@ fn claim_rows(
         args.extend([q.key_concurrency.into(), cursor.as_str().into()]);
     } else {
         let start = cursors::start(&q.name, full, q.first);
-        types.extend([BuiltIn(INT4OID), BuiltIn(TIMESTAMPTZOID)]);
-        args.extend([start.priority.into(), run_at_arg(start.run_at).into()]);
+        types.extend([
+            BuiltIn(INT4OID),
+            BuiltIn(TIMESTAMPTZOID),
+            BuiltIn(TIMESTAMPTZOID),
+            BuiltIn(UUIDOID),
+        ]);
+        args.extend([
+            start.priority.into(),
+            run_at_arg(start.window_start()).into(),
+            run_at_arg(start.run_at).into(),
+            pgrx::Uuid::from_bytes(start.id).into(),
+        ]);
     }
     let plan = kept(
         client,
@@ -1047,12 +1094,15 @@ fn claim_rows(
     for row in rows {
         if q.fair {
             keys.extend(row.get::<String>(9)?);
-        } else if let (Some(priority), Some(run_at)) =
-            (row.get::<i32>(9)?, row.get::<TimestampWithTimeZone>(10)?)
-        {
+        } else if let (Some(priority), Some(run_at), Some(id)) = (
+            row.get::<i32>(9)?,
+            row.get::<TimestampWithTimeZone>(10)?,
+            row.get::<pgrx::Uuid>(1)?,
+        ) {
             let key = cursors::Key {
                 priority,
                 run_at: run_at.into(),
+                id: *id.as_bytes(),
             };
             last = last.max(Some(key));
         }
