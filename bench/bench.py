@@ -109,7 +109,7 @@ class Bench:
     def __init__(self, args):
         self.args = args
         self.size = SIZES["smoke" if args.smoke else "full"]
-        self.rows = []  # (what, value, unit, floor name or None)
+        self.rows = []  # (what, value, unit, floor name or None, floor value or None)
         self.appendix = []  # markdown lines after the table (per-minute series)
         self.floors = {}
         settings = {
@@ -152,8 +152,11 @@ class Bench:
         return float(re.search(r"tps = ([\d.]+) \(without initial connection time\)", out).group(1))
 
     def record(self, what, value, unit, floor=None):
-        self.rows.append((what, value, unit, floor))
-        ratio = f"  ({value / self.floors[floor]:.2f}x {floor})" if floor in self.floors else ""
+        # The floor as measured now: a floor of the same name measured again later (as
+        # beside each enqueue option) must not change this row's ratio in the report.
+        base = self.floors.get(floor)
+        self.rows.append((what, value, unit, floor, base))
+        ratio = f"  ({value / base:.2f}x {floor})" if base else ""
         print(f"  {what:<52} {value:>12,.1f} {unit}{ratio}", flush=True)
 
     def floor(self, name, value, unit=None):
@@ -627,8 +630,8 @@ class Bench:
                  "- settings: " + ", ".join(f"{k}={v}" for k, v in self.settings.items()
                                             if not k.startswith(("unix", "port"))),
                  "", "| measure | value | unit | ratio | to |", "| --- | ---: | --- | ---: | --- |"]
-        for what, value, unit, floor in self.rows:
-            ratio = f"{value / self.floors[floor]:.2f}x" if floor in self.floors else ""
+        for what, value, unit, floor, base in self.rows:
+            ratio = f"{value / base:.2f}x" if base else ""
             lines.append(f"| {what} | {value:,.1f} | {unit} | {ratio} | {floor if ratio else ''} |")
         text = "\n".join(lines + self.appendix) + "\n"
         os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
