@@ -656,9 +656,8 @@ fn record(client: &mut SpiClient<'_>, outcomes: &[Outcome]) -> Result<(), SqlErr
 /// whom (the owner, if that role still exists). A queue's ready jobs are looked for from
 /// where this executor's claims of it resume ($1..$5: queue, priority, window start,
 /// run_at, id; the head of the queue without one), in its window, and before it among
-/// higher priorities (worker/cursors.rs); the
-/// first one's key is where a full pass claims from, so that the walk from the head of the
-/// index happens here, before the claim lock. The checks read the index in claim order, so
+/// higher priorities (worker/cursors.rs); the first one's key is where a full pass claims
+/// from, so that the walk from the head of the index happens here, before the claim lock. The checks read the index in claim order, so
 /// that the planner never scans the table.
 const READY_QUEUES_SQL: &str = "
 SELECT q.name, q.concurrency, q.owner::oid,
@@ -705,9 +704,9 @@ SELECT q.name, q.concurrency, q.owner::oid,
 /// commit), so that two executors counting its running jobs cannot both take the last place.
 /// The jobs are taken in claim order: any of a higher priority than $6, those of run_at
 /// from $7 to before $8 (the window), then from ($6, $8, $9), where this executor's claims
-/// of the queue resume (worker/cursors.rs); the outer LIMIT locks only the rows it takes. The claimed rows are updated by `id = ANY(ARRAY(...))`: the
-/// LIMIT is an expression the planner cannot estimate, and a join on it would hash the
-/// whole jobs table.
+/// of the queue resume (worker/cursors.rs); the outer LIMIT locks only the rows it takes.
+/// The claimed rows are updated by `id = ANY(ARRAY(...))`: the LIMIT is an expression the
+/// planner cannot estimate, and a join on it would hash the whole jobs table.
 const CLAIM_SQL: &str = "
 WITH c AS (
     SELECT a.id FROM (
@@ -1092,13 +1091,15 @@ fn claim_rows(
     let mut keys = Vec::new();
     let mut last: Option<cursors::Key> = None;
     for row in rows {
+        let (Some(id), Some(lease_token)) = (row.get::<pgrx::Uuid>(1)?, row.get::<pgrx::Uuid>(2)?)
+        else {
+            continue;
+        };
         if q.fair {
             keys.extend(row.get::<String>(9)?);
-        } else if let (Some(priority), Some(run_at), Some(id)) = (
-            row.get::<i32>(9)?,
-            row.get::<TimestampWithTimeZone>(10)?,
-            row.get::<pgrx::Uuid>(1)?,
-        ) {
+        } else if let (Some(priority), Some(run_at)) =
+            (row.get::<i32>(9)?, row.get::<TimestampWithTimeZone>(10)?)
+        {
             let key = cursors::Key {
                 priority,
                 run_at: run_at.into(),
@@ -1106,10 +1107,6 @@ fn claim_rows(
             };
             last = last.max(Some(key));
         }
-        let (Some(id), Some(lease_token)) = (row.get::<pgrx::Uuid>(1)?, row.get::<pgrx::Uuid>(2)?)
-        else {
-            continue;
-        };
         claimed.push_back(Claimed {
             id,
             lease_token,
