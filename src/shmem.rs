@@ -10,7 +10,9 @@
 use crate::gucs::MAX_EXECUTORS;
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PGRXSharedMemory, PgAtomic};
-use std::sync::atomic::{fence, AtomicBool, AtomicI32, AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{
+    fence, AtomicBool, AtomicI32, AtomicI64, AtomicU32, AtomicU64, AtomicU8, Ordering,
+};
 
 /// Largest progress report, in bytes of JSON text (`queue.set_progress`, `heartbeat`).
 pub const MAX_PROGRESS_SIZE: usize = 2048;
@@ -23,9 +25,9 @@ pub struct Slot {
     /// The database the executor serves.
     db: AtomicU32,
     procno: AtomicI32,
-    /// Set by the executor before it looks for work and cleared by whoever wakes it, so
-    /// an enqueue wakes a sleeping executor rather than one busy with a long handler.
-    idle: AtomicBool,
+    /// BUSY, LOOKING or SLEEPING: set by the executor, and back to BUSY by whoever wakes
+    /// it, so that an enqueue wakes an idle executor rather than one busy with a handler.
+    idle: AtomicU8,
     /// The executor's life id (a uuid), recorded on the jobs it claims.
     id_hi: AtomicU64,
     id_lo: AtomicU64,
@@ -178,7 +180,7 @@ impl Registry {
                 pid: AtomicI32::new(0),
                 db: AtomicU32::new(0),
                 procno: AtomicI32::new(-1),
-                idle: AtomicBool::new(false),
+                idle: AtomicU8::new(BUSY),
                 id_hi: AtomicU64::new(0),
                 id_lo: AtomicU64::new(0),
                 cancel_hi: AtomicU64::new(0),
@@ -245,7 +247,7 @@ pub fn register_executor(slot: usize, id: uuid::Uuid) -> bool {
     // SAFETY: MyProc is set for every backend and background worker after InitProcess.
     let procno = unsafe { (*pg_sys::MyProc).pgprocno };
     slot.procno.store(procno, Ordering::Relaxed);
-    slot.idle.store(false, Ordering::Relaxed);
+    slot.idle.store(BUSY, Ordering::Relaxed);
     slot.db.store(my_db(), Ordering::Relaxed);
     slot.pid.store(my_pid(), Ordering::Release);
     true
@@ -278,10 +280,30 @@ pub fn executor_exits() -> Option<u64> {
     registry().map(|r| r.exits.load(Ordering::Acquire))
 }
 
-/// Marks the executor in `slot` as about to look for work (true) or busy (false).
+/// An executor running handlers or its own bookkeeping: not woken by enqueues.
+const BUSY: u8 = 0;
+/// Claiming from a snapshot that a job committed now may be after: woken, it claims again
+/// once this claim ends, which under a long transaction elsewhere can be a full pass of
+/// tens of milliseconds (worker/cursors.rs).
+const LOOKING: u8 = 1;
+/// Waiting on its latch: woken, it claims at once. Enqueues wake these first.
+const SLEEPING: u8 = 2;
+
+/// The executor in `slot` is about to look for work (true) or found some (false).
 pub fn set_idle(slot: usize, idle: bool) {
     if let Some(s) = registry().and_then(|r| r.slots.get(slot)) {
-        s.idle.store(idle, Ordering::SeqCst);
+        s.idle
+            .store(if idle { LOOKING } else { BUSY }, Ordering::SeqCst);
+    }
+}
+
+/// The executor in `slot` found no work and waits on its latch. Unless it was woken since
+/// it began to look (its latch is set then, and the wait returns at once).
+pub fn set_sleeping(slot: usize) {
+    if let Some(s) = registry().and_then(|r| r.slots.get(slot)) {
+        let _ = s
+            .idle
+            .compare_exchange(LOOKING, SLEEPING, Ordering::SeqCst, Ordering::Relaxed);
     }
 }
 
@@ -308,7 +330,7 @@ pub fn executors() -> Vec<ExecutorInfo> {
             (pid > 0 && s.db.load(Ordering::Relaxed) == db).then(|| ExecutorInfo {
                 slot,
                 pid,
-                idle: s.idle.load(Ordering::Relaxed),
+                idle: s.idle.load(Ordering::Relaxed) != BUSY,
                 id: uuid::Uuid::from_u64_pair(
                     s.id_hi.load(Ordering::Relaxed),
                     s.id_lo.load(Ordering::Relaxed),
@@ -318,33 +340,35 @@ pub fn executors() -> Vec<ExecutorInfo> {
         .collect()
 }
 
-/// Sets the latch of up to `n` idle executors of this database. Called after the
-/// enqueueing transaction committed, so that the woken executors' next snapshot sees the
-/// jobs.
+/// Sets the latch of up to `n` idle executors of this database: sleeping ones first, then
+/// those still looking. Called after the enqueueing transaction committed, so that the
+/// woken executors' next snapshot sees the jobs.
 pub fn wake_idle_executors(n: usize) {
     let Some(r) = registry() else {
         return;
     };
     let db = my_db();
     let mut woken = 0;
-    for s in r.slots.iter() {
-        if woken >= n {
-            break;
-        }
-        if s.pid.load(Ordering::Acquire) <= 0 || s.db.load(Ordering::Relaxed) != db {
-            continue;
-        }
-        if s.idle
-            .compare_exchange(true, false, Ordering::SeqCst, Ordering::Relaxed)
-            .is_ok()
-        {
-            let procno = s.procno.load(Ordering::Relaxed);
-            if procno >= 0 {
-                // SAFETY: procno indexes ProcGlobal->allProcs; a stale one only sets the
-                // latch of another process, which then wakes up for nothing.
-                unsafe { pg_sys::ProcSendSignal(procno) };
+    for state in [SLEEPING, LOOKING] {
+        for s in r.slots.iter() {
+            if woken >= n {
+                return;
             }
-            woken += 1;
+            if s.pid.load(Ordering::Acquire) <= 0 || s.db.load(Ordering::Relaxed) != db {
+                continue;
+            }
+            if s.idle
+                .compare_exchange(state, BUSY, Ordering::SeqCst, Ordering::Relaxed)
+                .is_ok()
+            {
+                let procno = s.procno.load(Ordering::Relaxed);
+                if procno >= 0 {
+                    // SAFETY: procno indexes ProcGlobal->allProcs; a stale one only sets the
+                    // latch of another process, which then wakes up for nothing.
+                    unsafe { pg_sys::ProcSendSignal(procno) };
+                }
+                woken += 1;
+            }
         }
     }
 }

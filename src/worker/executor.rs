@@ -159,6 +159,7 @@ pub extern "C-unwind" fn pg_queue_executor_main(arg: pg_sys::Datum) {
         let stats_pending = super::report_table_stats();
         if let Some(timeout) = sleep {
             super::report_activity("idle", false);
+            shmem::set_sleeping(slot);
             // Not idle for a whole poll interval with counts autovacuum has not seen.
             let timeout = stats_pending.map_or(timeout, |p| timeout.min(p));
             if !BackgroundWorker::wait_latch(Some(timeout)) {
