@@ -11,6 +11,7 @@ are printed for the record.
 """
 import argparse
 import datetime
+import math
 import os
 import re
 import statistics
@@ -104,6 +105,23 @@ CREATE PROCEDURE bench_pickup_h(payload jsonb) LANGUAGE sql AS $$
 $$;
 """
 
+
+
+def percentile(values, p):
+    """percentile_disc of sorted values: the first whose cumulative fraction reaches p."""
+    return values[max(0, math.ceil(p * len(values)) - 1)]
+
+
+def snapshot_commits(log_dir):
+    """When each pgbench client's transactions returned (epoch seconds, in order), from its
+    per-transaction logs: client_id transaction_no time script_no time_epoch time_us [lag]."""
+    done = {}
+    for name in os.listdir(log_dir):
+        with open(os.path.join(log_dir, name)) as f:
+            for line in f:
+                x = line.split()
+                done.setdefault(int(x[0]), []).append((int(x[1]), int(x[4]) + int(x[5]) / 1e6))
+    return {c: [t for _, t in sorted(v)] for c, v in done.items()}
 
 class Bench:
     def __init__(self, args):
@@ -492,14 +510,18 @@ class Bench:
         # The default concurrency (10): each claim also counts the queue's running jobs.
         self.sql("SELECT queue.create_queue('bench_snap', 'bench_noop(jsonb)')")
         self.sql("VACUUM ANALYZE queue.jobs")
+        # Each job names its pgbench client, whose log (-l) gives when each of its
+        # transactions returned: the enqueue's commit, as its caller saw it.
         with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as f:
-            f.write("SELECT queue.enqueue('bench_snap', '{}');\n")
+            f.write("SELECT queue.enqueue('bench_snap', jsonb_build_object('c', :client_id::int));\n")
         os.chmod(f.name, 0o644)
+        logs = tempfile.TemporaryDirectory()
         cmd = [f"{PG_BIN}/pgbench", "-n", "-h", "127.0.0.1", "-p", str(self.cluster.port), "-U", "postgres",
                "-c", "2", "-j", "2", "-M", "prepared", "-R", str(rate), "-T", str(3 * secs),
-               "-P", str(every), "-f", f.name, "postgres"]
+               "-P", str(every), "-l", "-f", f.name, "postgres"]
         start = time.time()
-        bench = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        bench = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 cwd=logs.name)
         samples = []  # (seconds since start, part, {relation: (bytes, dead)})
         part_starts = [start, start + secs, start + 2 * secs, start + 3 * secs]
         holder = None
@@ -530,6 +552,23 @@ class Bench:
                     for m in re.finditer(r"progress: ([\d.]+) s, ([\d.]+) tps, lat ([\d.]+) ms", err)]
         names = ["baseline", "snapshot held", "after"]
         self.wait_drained("bench_snap")
+        # Pickup from the enqueue's commit: (created_at, claim's started_at, commit seen by
+        # the client) of every job. Its created_at (its transaction's start) also counts the
+        # enqueue's own statement and commit flush.
+        committed = snapshot_commits(logs.name)
+        logs.cleanup()
+        jobs = {}
+        for client, created, started in self.sql(
+                "SELECT (payload->>'c')::int, created_at, started_at FROM queue.history "
+                "WHERE queue = 'bench_snap' ORDER BY 1, 2"):
+            jobs.setdefault(client, []).append((created.timestamp(), started.timestamp()))
+        from_commit = []    # (created, started - committed) in seconds
+        for client, js in jobs.items():
+            done = committed.get(client, [])
+            if len(done) != len(js):
+                print(f"  (pgbench client {client}: {len(done)} logged, {len(js)} jobs: not matched)")
+                continue
+            from_commit += [(created, started - at) for (created, started), at in zip(js, done)]
         for i, name in enumerate(names):
             lo, hi = part_starts[i], part_starts[i + 1]
             done, p50, p99 = self.one_row(
@@ -539,6 +578,7 @@ class Bench:
                      FROM queue.history
                     WHERE queue = 'bench_snap' AND created_at >= to_timestamp(%s) AND created_at < to_timestamp(%s)""",
                 (hi - lo, lo, hi))
+            waits = sorted(w for c, w in from_commit if lo <= c < hi)
             lat = [l for t, _, l in progress if lo - start < t <= hi - start]
             base = "" if i == 0 else "baseline"
             if i == 0:
@@ -550,6 +590,15 @@ class Bench:
                 self.record(f"snapshot phase: pickup p99, {name}", p99.total_seconds() * 1000, "ms",
                             "snapshot phase: pickup p99, baseline")
             self.record(f"snapshot phase: pickup p50, {name}", p50.total_seconds() * 1000, "ms")
+            if waits:
+                p99c = percentile(waits, 0.99) * 1000
+                if i == 0:
+                    self.floor("snapshot phase: pickup p99 from enqueue commit, baseline", p99c, "ms")
+                else:
+                    self.record(f"snapshot phase: pickup p99 from enqueue commit, {name}", p99c, "ms",
+                                "snapshot phase: pickup p99 from enqueue commit, baseline")
+                self.record(f"snapshot phase: pickup p50 from enqueue commit, {name}",
+                            percentile(waits, 0.5) * 1000, "ms")
             if lat:
                 self.record(f"snapshot phase: enqueue latency incl. schedule lag (mean of pgbench -P), {name}",
                             statistics.mean(lat), "ms")
@@ -563,13 +612,19 @@ class Bench:
                       round(extract(epoch FROM percentile_disc(0.99) WITHIN GROUP
                                                  (ORDER BY started_at - created_at)) * 1000, 1)
                  FROM queue.history WHERE queue = 'bench_snap' GROUP BY 1""", (start, width, width)))
+        p99c_by = {}
+        for c, w in from_commit:
+            p99c_by.setdefault(math.ceil((c - start) / width) * width, []).append(w)
+        p99c_by = {k: percentile(sorted(v), 0.99) * 1000 for k, v in p99c_by.items()}
         rels = sorted(samples[0][2]) if samples else []
         self.appendix += ["", f"### Held snapshot: relation sizes (kB) / dead tuples, every {step * every} s", "",
                           "Enqueues/s and latency (incl. schedule lag) are pgbench's over the "
                           f"{every} s before each row.", "",
-                          f"Pickup p99 is of the jobs enqueued in the {width} s before each row.", "",
-                          "| s | part | enqueues/s | latency ms | pickup p99 ms | " + " | ".join(rels) + " |",
-                          "| ---: | --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in rels) + " |"]
+                          f"Pickup p99 is of the jobs enqueued in the {width} s before each row: from the "
+                          "enqueue's start (its created_at), and from its commit as pgbench saw it.", "",
+                          "| s | part | enqueues/s | latency ms | pickup p99 ms | from commit ms | "
+                          + " | ".join(rels) + " |",
+                          "| ---: | --- | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in rels) + " |"]
         rows = samples[::step]
         if samples and rows[-1] is not samples[-1]:
             rows.append(samples[-1])
@@ -579,7 +634,10 @@ class Bench:
             tps, l = before[-1] if before else (0.0, 0.0)
             p99 = p99s.get(int(round(t / width) * width))
             p99_cell = f"{p99:,.1f}" if p99 is not None else ""
-            self.appendix.append(f"| {t:.0f} | {names[part]} | {tps:,.0f} | {l:,.1f} | {p99_cell} | {cells} |")
+            p99c = p99c_by.get(int(round(t / width) * width))
+            p99c_cell = f"{p99c:,.1f}" if p99c is not None else ""
+            self.appendix.append(f"| {t:.0f} | {names[part]} | {tps:,.0f} | {l:,.1f} | {p99_cell} | {p99c_cell} "
+                                 f"| {cells} |")
         for line in self.appendix[-(len(rows) + 2):]:
             print("  " + line)
         jobs = [sizes.get("jobs", (0, 0))[0] for _, _, sizes in samples]
