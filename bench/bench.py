@@ -593,11 +593,11 @@ class Bench:
             if waits:
                 p99c = percentile(waits, 0.99) * 1000
                 if i == 0:
-                    self.floor("snapshot phase: pickup p99 from enqueue commit, baseline", p99c, "ms")
+                    self.floor("snapshot phase: enqueue commit to claim p99, baseline", p99c, "ms")
                 else:
-                    self.record(f"snapshot phase: pickup p99 from enqueue commit, {name}", p99c, "ms",
-                                "snapshot phase: pickup p99 from enqueue commit, baseline")
-                self.record(f"snapshot phase: pickup p50 from enqueue commit, {name}",
+                    self.record(f"snapshot phase: enqueue commit to claim p99, {name}", p99c, "ms",
+                                "snapshot phase: enqueue commit to claim p99, baseline")
+                self.record(f"snapshot phase: enqueue commit to claim p50, {name}",
                             percentile(waits, 0.5) * 1000, "ms")
             if lat:
                 self.record(f"snapshot phase: enqueue latency incl. schedule lag (mean of pgbench -P), {name}",
@@ -620,8 +620,9 @@ class Bench:
         self.appendix += ["", f"### Held snapshot: relation sizes (kB) / dead tuples, every {step * every} s", "",
                           "Enqueues/s and latency (incl. schedule lag) are pgbench's over the "
                           f"{every} s before each row.", "",
-                          f"Pickup p99 is of the jobs enqueued in the {width} s before each row: from the "
-                          "enqueue's start (its created_at), and from its commit as pgbench saw it.", "",
+                          f"Pickup p99 is of the jobs enqueued in the {width} s before each row, to their "
+                          "claim: from the enqueue's start (its created_at), and from its commit as pgbench "
+                          "saw it.", "",
                           "| s | part | enqueues/s | latency ms | pickup p99 ms | from commit ms | "
                           + " | ".join(rels) + " |",
                           "| ---: | --- | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in rels) + " |"]
