@@ -82,6 +82,8 @@ struct Cursors {
     /// The last claim was a cursor pass that found nothing (a job may still be ready
     /// behind a cursor): the executor wakes for the next full pass.
     unverified: bool,
+    /// The executor woke from its latch since its last claim.
+    woken: bool,
 }
 
 thread_local! {
@@ -91,6 +93,7 @@ thread_local! {
         full_due: Instant::now(),
         full_cost: Duration::ZERO,
         unverified: false,
+        woken: false,
     });
 }
 
@@ -121,6 +124,24 @@ const COSTLY_FULL_PASS: Duration = Duration::from_millis(2);
 /// (a long transaction elsewhere keeps dead entries at the head of the queues).
 pub fn costly_full_pass_due() -> bool {
     CURSORS.with_borrow(|c| Instant::now() >= c.full_due && c.full_cost > COSTLY_FULL_PASS)
+}
+
+/// The executor woke from its latch: most likely an enqueue woke it for jobs at its cursors.
+pub fn woke_up() {
+    CURSORS.with_borrow_mut(|c| c.woken = true);
+}
+
+/// Whether the next claim may look at the cursors before the full pass that is due: the
+/// executor was just woken and the last full pass cost more than a commit (a long
+/// transaction elsewhere). The job that woke it then does not wait for the walk, which
+/// follows its batch (in a transaction of its own, as every costly full pass). Only the
+/// first claim after a wake: under load the next claim is the full pass.
+pub fn cursor_first() -> bool {
+    CURSORS.with_borrow_mut(|c| {
+        std::mem::take(&mut c.woken)
+            && Instant::now() >= c.full_due
+            && c.full_cost > COSTLY_FULL_PASS
+    })
 }
 
 /// A cursor pass found nothing and no full pass is due yet.
@@ -233,5 +254,24 @@ mod unit_tests {
         assert_eq!(start("q", false, None).run_at, 1_000_000);
         rewind(i64::MIN);
         assert_eq!(start("q", false, None), Key::HEAD);
+    }
+
+    #[test]
+    fn a_woken_executor_claims_at_its_cursors_before_a_costly_full_pass_once() {
+        // A cheap full pass is never put off.
+        full_pass_done(Instant::now());
+        CURSORS.with_borrow_mut(|c| c.full_due = Instant::now());
+        woke_up();
+        assert!(!cursor_first());
+        // A costly one is, for the first claim after a wake only.
+        CURSORS.with_borrow_mut(|c| c.full_cost = COSTLY_FULL_PASS * 2);
+        assert!(!cursor_first()); // not woken since the last claim
+        woke_up();
+        assert!(cursor_first());
+        assert!(!cursor_first());
+        // Not before it is due.
+        CURSORS.with_borrow_mut(|c| c.full_due = Instant::now() + MAX_FULL_INTERVAL);
+        woke_up();
+        assert!(!cursor_first());
     }
 }

@@ -165,6 +165,7 @@ pub extern "C-unwind" fn pg_queue_executor_main(arg: pg_sys::Datum) {
             if !BackgroundWorker::wait_latch(Some(timeout)) {
                 break; // postmaster died
             }
+            cursors::woke_up();
         }
         pg_sys::check_for_interrupts!();
     }
@@ -807,7 +808,7 @@ fn claim(
 ) -> Result<VecDeque<Claimed>, SqlError> {
     // SAFETY: statement_timestamp() in READY_QUEUES_SQL is now, not the batch's start.
     unsafe { pg_sys::SetCurrentStatementStartTimestamp() };
-    let full = cursors::full_pass_due();
+    let full = cursors::full_pass_due() && !cursors::cursor_first();
     let claimed = claim_pass(client, executor_id, limit, turn, full)?;
     if claimed.is_empty() && !full {
         if !cursors::full_pass_due() {
