@@ -106,7 +106,6 @@ $$;
 """
 
 
-
 def percentile(values, p):
     """percentile_disc of sorted values: the first whose cumulative fraction reaches p."""
     return values[max(0, math.ceil(p * len(values)) - 1)]
@@ -122,6 +121,7 @@ def snapshot_commits(log_dir):
                 x = line.split()
                 done.setdefault(int(x[0]), []).append((int(x[1]), int(x[4]) + int(x[5]) / 1e6))
     return {c: [t for _, t in sorted(v)] for c, v in done.items()}
+
 
 class Bench:
     def __init__(self, args):
@@ -564,11 +564,11 @@ class Bench:
             jobs.setdefault(client, []).append((created.timestamp(), started.timestamp()))
         from_commit = []    # (created, started - committed) in seconds
         for client, js in jobs.items():
-            done = committed.get(client, [])
-            if len(done) != len(js):
-                print(f"  (pgbench client {client}: {len(done)} logged, {len(js)} jobs: not matched)")
+            returned = committed.get(client, [])
+            if len(returned) != len(js):
+                print(f"  (pgbench client {client}: {len(returned)} logged, {len(js)} jobs: not matched)")
                 continue
-            from_commit += [(created, started - at) for (created, started), at in zip(js, done)]
+            from_commit += [(created, started - at) for (created, started), at in zip(js, returned)]
         for i, name in enumerate(names):
             lo, hi = part_starts[i], part_starts[i + 1]
             done, p50, p99 = self.one_row(

@@ -131,17 +131,14 @@ pub fn woke_up() {
     CURSORS.with_borrow_mut(|c| c.woken = true);
 }
 
-/// Whether the next claim may look at the cursors before the full pass that is due: the
-/// executor was just woken and the last full pass cost more than a commit (a long
-/// transaction elsewhere). The job that woke it then does not wait for the walk, which
-/// follows its batch (in a transaction of its own, as every costly full pass). Only the
-/// first claim after a wake: under load the next claim is the full pass.
+/// Whether this claim may look at the cursors before the full pass that is due: the
+/// executor was just woken and that pass is costly (a long transaction elsewhere). The job
+/// that woke it then does not wait for the walk, which follows its batch (in a transaction
+/// of its own, as every costly full pass). Called once per claim, it forgets the wake: only
+/// the first claim after one looks at the cursors first, so under load the next is the
+/// full pass.
 pub fn cursor_first() -> bool {
-    CURSORS.with_borrow_mut(|c| {
-        std::mem::take(&mut c.woken)
-            && Instant::now() >= c.full_due
-            && c.full_cost > COSTLY_FULL_PASS
-    })
+    CURSORS.with_borrow_mut(|c| std::mem::take(&mut c.woken)) && costly_full_pass_due()
 }
 
 /// A cursor pass found nothing and no full pass is due yet.

@@ -659,8 +659,8 @@ fn record(client: &mut SpiClient<'_>, outcomes: &[Outcome]) -> Result<(), SqlErr
 /// where this executor's claims of it resume ($1..$5: queue, priority, window start,
 /// run_at, id; the head of the queue without one), in its window, and before it among
 /// higher priorities (worker/cursors.rs); the first one's key is where a full pass claims
-/// from, so that the walk from the head of the index happens here, before the claim lock. The checks read the index in claim order, so
-/// that the planner never scans the table.
+/// from, so that the walk from the head of the index happens here, before the claim lock.
+/// The checks read the index in claim order, so that the planner never scans the table.
 const READY_QUEUES_SQL: &str = "
 SELECT q.name, q.concurrency, q.owner::oid,
        (extract(epoch FROM q.timeout) * 1000)::int4,
@@ -808,7 +808,7 @@ fn claim(
 ) -> Result<VecDeque<Claimed>, SqlError> {
     // SAFETY: statement_timestamp() in READY_QUEUES_SQL is now, not the batch's start.
     unsafe { pg_sys::SetCurrentStatementStartTimestamp() };
-    let full = cursors::full_pass_due() && !cursors::cursor_first();
+    let full = !cursors::cursor_first() && cursors::full_pass_due();
     let claimed = claim_pass(client, executor_id, limit, turn, full)?;
     if claimed.is_empty() && !full {
         if !cursors::full_pass_due() {
