@@ -605,4 +605,4 @@ AS 'MODULE_PATHNAME', 'pg_queue_enqueue';
 
 -- 9. Consumers' leases get an index of their own (sql/schema.sql): the reaper reads
 --    jobs_running_idx only once an executor exited.
-CREATE INDEX jobs_leases_idx ON queue.jobs (lease_expires_at) WHERE state = 'running' AND consumer IS NOT NULL;
+CREATE INDEX jobs_leases_idx ON queue.jobs (lease_expires_at) WHERE lease_expires_at IS NOT NULL;

@@ -142,7 +142,9 @@ CREATE INDEX jobs_scheduled_idx ON queue.jobs (run_at) WHERE state = 'queued' AN
 CREATE INDEX jobs_running_idx ON queue.jobs (queue, started_at) WHERE state = 'running';
 -- Consumers' leases: the reaper finds the expired ones, the scheduler the next to expire.
 -- Jobs that executors run are not in it, so a long transaction elsewhere leaves it small.
-CREATE INDEX jobs_leases_idx ON queue.jobs (lease_expires_at) WHERE state = 'running' AND consumer IS NOT NULL;
+-- Keyed on lease_expires_at alone (only a consumer's running job has one): a query that
+-- says nothing of state cannot be planned on jobs_running_idx instead.
+CREATE INDEX jobs_leases_idx ON queue.jobs (lease_expires_at) WHERE lease_expires_at IS NOT NULL;
 -- Unique keys: every row of queue.jobs is live, so this index is the whole guarantee
 -- (enqueue inserts with ON CONFLICT DO NOTHING; no check-then-insert race).
 CREATE UNIQUE INDEX jobs_unique_key_idx ON queue.jobs (queue, unique_key) WHERE unique_key IS NOT NULL;

@@ -21,7 +21,12 @@ const REAP_LIMIT: i64 = 1000;
 /// consumer's call in progress) are skipped. Returns how many moved.
 /// The candidates come from jobs_leases_idx, and from jobs_running_idx only when $6: under
 /// a long transaction elsewhere that index keeps an entry for every job run since it began,
-/// and reading them all every second cost the scheduler 45 ms after five minutes.
+/// and reading them all every second cost the scheduler 45 ms after five minutes. Leases
+/// are looked up by `lease_expires_at` alone (only a consumer's running job has one:
+/// jobs_consumer_has_lease), so that no statistics can make the planner read them from
+/// jobs_running_idx; and the jobs to move by `id = ANY` of the candidates, beside the join,
+/// so that it fetches them by primary key rather than walk the whole of it (both happened,
+/// under a held snapshot: 100 ms a tick, docs/design.md "Under a held snapshot").
 const REAP_SQL: &str = "
 WITH dead AS (
     -- The candidates are listed by the ARRAY below; the CASE says it again so that a row
@@ -36,8 +41,7 @@ WITH dead AS (
                      AND started_at < $3::timestamptz END
        AND id = ANY(ARRAY(
                SELECT id FROM queue.jobs
-                WHERE state = 'running' AND consumer IS NOT NULL
-                  AND lease_expires_at < clock_timestamp()
+                WHERE lease_expires_at IS NOT NULL AND lease_expires_at < clock_timestamp()
                UNION ALL
                SELECT id FROM queue.jobs
                 WHERE ($6 OR $2::uuid IS NOT NULL) AND state = 'running' AND consumer IS NULL
@@ -59,11 +63,11 @@ WITH dead AS (
                (SELECT queue.backoff(q.backoff_base, q.backoff_max, j.attempts)
                   FROM queue.queues q WHERE q.name = j.queue), interval '0')
       FROM dead
-     WHERE j.id = dead.id AND j.attempts < j.max_attempts
+     WHERE j.id = ANY(ARRAY(SELECT id FROM dead)) AND j.id = dead.id AND j.attempts < j.max_attempts
     RETURNING j.id
 ), failed AS (
     DELETE FROM queue.jobs j USING dead
-     WHERE j.id = dead.id AND j.attempts >= j.max_attempts
+     WHERE j.id = ANY(ARRAY(SELECT id FROM dead)) AND j.id = dead.id AND j.attempts >= j.max_attempts
     RETURNING j.*, dead.message
 ), history AS (
     INSERT INTO queue.history (id, queue, state, payload, enqueued_by, unique_key, depends_on, on_dependency_failure, priority, run_at, attempts,
@@ -136,13 +140,14 @@ WITH due AS (
 SELECT count(pg_notify(queue.channel(queue), CASE WHEN n = 1 THEN id ELSE '' END)) FROM due";
 
 /// When the launcher must look again: the next run_at of a NOTIFY-queue job, the next
-/// expiry of a consumer's lease, or the next plan of a schedule, whichever comes first.
+/// expiry of a consumer's lease (from jobs_leases_idx alone: see REAP_SQL), or the next
+/// plan of a schedule, whichever comes first.
 const NEXT_DEADLINE_SQL: &str = "
 SELECT ceil(extract(epoch FROM least(
            (SELECT min(j.run_at) FROM queue.jobs j JOIN queue.queues q ON q.name = j.queue AND q.notify
              WHERE j.state = 'queued' AND j.run_at > j.created_at AND j.run_at > $1),
            (SELECT min(lease_expires_at) FROM queue.jobs
-             WHERE state = 'running' AND consumer IS NOT NULL AND lease_expires_at > $1),
+             WHERE lease_expires_at IS NOT NULL AND lease_expires_at > $1),
            (SELECT min(next_run_at) FROM queue.schedule_defs WHERE enabled AND next_run_at > $1))
        - clock_timestamp()) * 1000)::int8";
 
@@ -221,4 +226,96 @@ pub fn mark_full_queues() -> Result<Vec<(String, bool)>, SqlError> {
         }
         Ok(changed)
     })
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pgrx::pg_schema]
+mod tests {
+    use super::{NEXT_DEADLINE_SQL, REAP_SQL};
+    use pgrx::datum::DatumWithOid;
+    use pgrx::prelude::*;
+
+    /// The index scans in the plan of `sql` as the scheduler plans it: (index, whether it
+    /// has an index condition). Nodes under a one-time filter count too.
+    fn index_scans(sql: &str, args: &[DatumWithOid]) -> Vec<(String, bool)> {
+        fn walk(plan: &serde_json::Value, out: &mut Vec<(String, bool)>) {
+            if let Some(index) = plan.get("Index Name").and_then(|i| i.as_str()) {
+                out.push((index.to_string(), plan.get("Index Cond").is_some()));
+            }
+            for child in plan
+                .get("Plans")
+                .and_then(|p| p.as_array())
+                .into_iter()
+                .flatten()
+            {
+                walk(child, out);
+            }
+        }
+        crate::worker::plan_by_index();
+        let explain = format!("EXPLAIN (FORMAT JSON) {sql}");
+        let plan = Spi::get_one_with_args::<pgrx::Json>(&explain, args)
+            .expect("EXPLAIN failed")
+            .expect("EXPLAIN returned no plan");
+        let mut out = Vec::new();
+        walk(&plan.0[0]["Plan"], &mut out);
+        out
+    }
+
+    fn reap_args(executors: bool) -> Vec<DatumWithOid<'static>> {
+        let now =
+            Spi::get_one::<pgrx::datum::TimestampWithTimeZone>("SELECT now()").expect("now()");
+        vec![
+            Vec::<pgrx::Uuid>::new().into(),
+            Option::<pgrx::Uuid>::None.into(),
+            now.into(),
+            "executor died".into(),
+            1000i64.into(),
+            executors.into(),
+        ]
+    }
+
+    /// Under a long transaction elsewhere, jobs_running_idx holds an entry for every job
+    /// run since it began: the scheduler's per-second lease lookups must not be able to read
+    /// it, whatever the statistics say. With jobs_leases_idx gone, a query the planner could
+    /// serve from jobs_running_idx would now be planned on it.
+    #[pg_test]
+    fn lease_lookups_cannot_read_the_running_jobs_index() {
+        Spi::run("DROP INDEX queue.jobs_leases_idx").expect("drop");
+        let now =
+            Spi::get_one::<pgrx::datum::TimestampWithTimeZone>("SELECT now()").expect("now()");
+        for (what, scans) in [
+            ("reap", index_scans(REAP_SQL, &reap_args(false))),
+            (
+                "next deadline",
+                index_scans(NEXT_DEADLINE_SQL, &[now.into()]),
+            ),
+        ] {
+            assert!(
+                scans.iter().all(|(index, _)| index != "jobs_running_idx"),
+                "{what}: {scans:?}"
+            );
+        }
+    }
+
+    /// The reap fetches the jobs it moves by primary key: a scan of jobs_pkey without an
+    /// index condition walks an entry for every row version a long transaction keeps. The
+    /// planner chose one for a drained queue (no live rows by the statistics), planning a
+    /// join to the few candidates as a walk of the whole key.
+    #[pg_test]
+    fn the_reap_reads_the_primary_key_only_by_id() {
+        Spi::run("ANALYZE queue.jobs").expect("analyze");
+        for executors in [false, true] {
+            let scans = index_scans(REAP_SQL, &reap_args(executors));
+            assert!(
+                scans.iter().any(|(index, _)| index == "jobs_pkey"),
+                "{scans:?}"
+            );
+            assert!(
+                scans
+                    .iter()
+                    .all(|(index, cond)| index != "jobs_pkey" || *cond),
+                "executors {executors}: {scans:?}"
+            );
+        }
+    }
 }
