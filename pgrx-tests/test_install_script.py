@@ -100,7 +100,8 @@ def test_every_function_callable_by_public_pins_its_search_path_or_is_pure(db):
             # Consumers' claims: by index, whatever the table's shape (sql/consumers.sql)
             assert config in (["search_path=pg_catalog, pg_temp"],
                               ["search_path=pg_catalog, pg_temp", "jit=off"],
-                              ["search_path=pg_catalog, pg_temp", "enable_seqscan=off", "jit=off"]), \
+                              ["search_path=pg_catalog, pg_temp", "enable_seqscan=off",
+                               "enable_bitmapscan=off", "jit=off"]), \
                 f"{sig}: {config}"
     public_pure = {n for n, _, lang, _, _, public in fns if public and lang == "sql" and n in PURE}
     assert public_pure == PURE

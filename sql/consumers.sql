@@ -115,9 +115,12 @@ RETURNS TABLE (id uuid, payload jsonb, attempt integer, lease_token uuid, lease_
 -- enable_seqscan off: the claimed rows are fetched by primary key, and after a burst (or
 -- under a long transaction elsewhere) the planner would rather scan every page of
 -- queue.jobs (docs/design.md "Under a held snapshot"; src/worker/mod.rs plan_by_index).
+-- enable_bitmapscan off: nor a bitmap scan and a sort of the queue's claim order, which
+-- cannot stop at the LIMIT (chosen by some statistics while a long transaction runs).
 -- jit off: a scan that is the only way (a rate limit's first count) then costs over
 -- jit_above_cost, and compiling took 0.4 s.
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET enable_bitmapscan = off
+    SET jit = off AS $$
 DECLARE
     q queue.queues := queue.claimable(claim.queue);
     t0 timestamptz;
@@ -201,7 +204,8 @@ CREATE FUNCTION queue.claim(
     lease    interval DEFAULT '30 seconds')
 RETURNS TABLE (id uuid, queue text, payload jsonb, attempt integer, lease_token uuid,
                lease_expires_at timestamptz, depends_on uuid[])
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET enable_bitmapscan = off
+    SET jit = off AS $$
 DECLARE
     open_queues text[] := '{}';
     name text;

@@ -88,12 +88,13 @@ BEGIN
                          WHERE y.queue = q.name AND y.finished_at >= lo OFFSET 0) x ON true
     ), live AS (
         -- Jobs that may hold attempts since lo: running ones, and retried ones (a retry
-        -- moves run_at past the failure, so they are in jobs_scheduled_idx).
+        -- moves run_at past the failure, so they are in jobs_scheduled_idx; state is
+        -- tested in a CASE so that jobs_ready_idx cannot serve this: sql/schema.sql).
         SELECT j.queue, j.started_at, j.errors FROM queue.jobs j WHERE j.state = 'running'
         UNION ALL
         SELECT j.queue, NULL, j.errors FROM queue.jobs j
-         WHERE j.state = 'queued' AND j.run_at > j.created_at AND j.run_at >= lo
-           AND j.errors <> '[]'
+         WHERE j.run_at > j.created_at AND j.run_at >= lo
+           AND CASE j.state WHEN 'queued' THEN j.errors <> '[]' END
     ), retries AS (
         -- Failed attempts that had started and sent their job back: every one of a live
         -- job, and all but the last of a finished one.

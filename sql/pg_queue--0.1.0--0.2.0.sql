@@ -102,12 +102,13 @@ BEGIN
                          WHERE y.queue = q.name AND y.finished_at >= lo OFFSET 0) x ON true
     ), live AS (
         -- Jobs that may hold attempts since lo: running ones, and retried ones (a retry
-        -- moves run_at past the failure, so they are in jobs_scheduled_idx).
+        -- moves run_at past the failure, so they are in jobs_scheduled_idx; state is
+        -- tested in a CASE so that jobs_ready_idx cannot serve this: sql/schema.sql).
         SELECT j.queue, j.started_at, j.errors FROM queue.jobs j WHERE j.state = 'running'
         UNION ALL
         SELECT j.queue, NULL, j.errors FROM queue.jobs j
-         WHERE j.state = 'queued' AND j.run_at > j.created_at AND j.run_at >= lo
-           AND j.errors <> '[]'
+         WHERE j.run_at > j.created_at AND j.run_at >= lo
+           AND CASE j.state WHEN 'queued' THEN j.errors <> '[]' END
     ), retries AS (
         -- Failed attempts that had started and sent their job back: every one of a live
         -- job, and all but the last of a finished one.
@@ -491,10 +492,12 @@ GRANT EXECUTE ON FUNCTION queue.prometheus_metrics(),
                           queue.stats_rows() TO PUBLIC;
 GRANT SELECT ON queue.stats, queue.metrics TO PUBLIC;
 
--- 6. Consumers' claims plan without sequential scans (nor JIT), as on a fresh install
---    (sql/consumers.sql).
-ALTER FUNCTION queue.claim(text, text, integer, interval) SET enable_seqscan = off SET jit = off;
-ALTER FUNCTION queue.claim(text[], text, integer, interval) SET enable_seqscan = off SET jit = off;
+-- 6. Consumers' claims plan without sequential nor bitmap scans (nor JIT), as on a fresh
+--    install (sql/consumers.sql).
+ALTER FUNCTION queue.claim(text, text, integer, interval)
+    SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off;
+ALTER FUNCTION queue.claim(text[], text, integer, interval)
+    SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off;
 
 -- 7. The nine CHECK constraints of queue.jobs become one that calls a C function
 --    (src/state.rs, sql/jobs.sql): Postgres parsed and planned all nine for every INSERT
@@ -606,3 +609,8 @@ AS 'MODULE_PATHNAME', 'pg_queue_enqueue';
 -- 9. Consumers' leases get an index of their own (sql/schema.sql): the reaper reads
 --    jobs_running_idx only once an executor exited.
 CREATE INDEX jobs_leases_idx ON queue.jobs (lease_expires_at) WHERE lease_expires_at IS NOT NULL;
+
+-- 10. Jobs that become ready by time are indexed without a state test (sql/schema.sql), so
+--     that their readers cannot be planned on jobs_ready_idx.
+DROP INDEX queue.jobs_scheduled_idx;
+CREATE INDEX jobs_scheduled_idx ON queue.jobs (run_at) WHERE run_at > created_at;

@@ -135,7 +135,10 @@ CREATE INDEX jobs_ready_idx ON queue.jobs (queue, priority, run_at, id) WHERE st
 -- Jobs that become ready by time (scheduled, or retried after a backoff): idle executors
 -- sleep until the next one, the launcher announces them to NOTIFY consumers. A job ready
 -- at once (run_at = created_at) is not in it, so a large backlog costs these readers nothing.
-CREATE INDEX jobs_scheduled_idx ON queue.jobs (run_at) WHERE state = 'queued' AND run_at > created_at;
+-- Its predicate says nothing of state, and its readers test state only inside a CASE: a
+-- query that says state = 'queued' could be planned on jobs_ready_idx instead, and was,
+-- by some statistics (a walk of every entry a long transaction elsewhere keeps there).
+CREATE INDEX jobs_scheduled_idx ON queue.jobs (run_at) WHERE run_at > created_at;
 -- Per-queue concurrency, and the reaper once an executor exited. By start time too: an executor counts a queue's
 -- running jobs from the oldest start it last saw among them (src/worker/cursors.rs), not
 -- past the entries of every job run since a long transaction elsewhere began.

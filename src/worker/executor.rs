@@ -1157,19 +1157,22 @@ fn count_running(client: &mut SpiClient<'_>, queue: &str) -> Result<i32, SqlErro
     Ok(row.get::<i32>(1)?.unwrap_or(0))
 }
 
+/// When the next scheduled job becomes ready, or a queue's throttle cool-down ends, in ms
+/// from now. From jobs_scheduled_idx alone: its state test is in a CASE (sql/schema.sql),
+/// or some statistics plan it on jobs_ready_idx.
+pub const NEXT_READY_SQL: &str = "
+SELECT ceil(extract(epoch FROM least(
+           (SELECT min(run_at) FROM queue.jobs
+             WHERE run_at > created_at AND run_at > statement_timestamp()
+               AND CASE state WHEN 'queued' THEN true END),
+           (SELECT min(throttled_until) FROM queue.queues
+             WHERE throttled_until > statement_timestamp()))
+       - clock_timestamp()) * 1000)::int8";
+
 /// How long until the next scheduled job becomes ready, or a queue's throttle cool-down
 /// ends, if either is ahead.
 fn next_ready_in(client: &mut SpiClient<'_>) -> Result<Option<Duration>, SqlError> {
-    let plan = kept(
-        client,
-        "SELECT ceil(extract(epoch FROM least(
-                    (SELECT min(run_at) FROM queue.jobs
-                      WHERE state = 'queued' AND run_at > created_at AND run_at > statement_timestamp()),
-                    (SELECT min(throttled_until) FROM queue.queues
-                      WHERE throttled_until > statement_timestamp()))
-                  - clock_timestamp()) * 1000)::int8",
-        &[],
-    )?;
+    let plan = kept(client, NEXT_READY_SQL, &[])?;
     let ms = client.update(&*plan, None, &[])?.first().get_one::<i64>()?;
     Ok(ms.map(|ms| Duration::from_millis(ms.max(1) as u64)))
 }

@@ -128,13 +128,15 @@ pub fn reap_dead_owners(executors: bool) -> Result<(i64, bool), SqlError> {
 /// seconds, $3] ($1 NULL: ever). An enqueue of a ready job notifies by itself: only jobs
 /// with run_at > created_at, in jobs_scheduled_idx, become ready by time. One
 /// notification per queue and pass: the job's id when one became ready, empty when
-/// several did.
+/// several did. State is tested inside a CASE, here and in NEXT_DEADLINE_SQL, so that the
+/// planner cannot read jobs_ready_idx instead (sql/schema.sql).
 const ANNOUNCE_SQL: &str = "
 WITH due AS (
     SELECT j.queue, count(*) AS n, min(j.id::text) AS id
       FROM queue.jobs j JOIN queue.queues q ON q.name = j.queue AND q.notify AND NOT q.paused
-     WHERE j.state = 'queued' AND j.run_at > j.created_at AND j.run_at <= $3
+     WHERE j.run_at > j.created_at AND j.run_at <= $3
        AND j.run_at > coalesce($1 - make_interval(secs => $2), '-infinity')
+       AND CASE j.state WHEN 'queued' THEN true END
      GROUP BY j.queue
 )
 SELECT count(pg_notify(queue.channel(queue), CASE WHEN n = 1 THEN id ELSE '' END)) FROM due";
@@ -145,7 +147,7 @@ SELECT count(pg_notify(queue.channel(queue), CASE WHEN n = 1 THEN id ELSE '' END
 const NEXT_DEADLINE_SQL: &str = "
 SELECT ceil(extract(epoch FROM least(
            (SELECT min(j.run_at) FROM queue.jobs j JOIN queue.queues q ON q.name = j.queue AND q.notify
-             WHERE j.state = 'queued' AND j.run_at > j.created_at AND j.run_at > $1),
+             WHERE j.run_at > j.created_at AND j.run_at > $1 AND CASE j.state WHEN 'queued' THEN true END),
            (SELECT min(lease_expires_at) FROM queue.jobs
              WHERE lease_expires_at IS NOT NULL AND lease_expires_at > $1),
            (SELECT min(next_run_at) FROM queue.schedule_defs WHERE enabled AND next_run_at > $1))
@@ -231,35 +233,9 @@ pub fn mark_full_queues() -> Result<Vec<(String, bool)>, SqlError> {
 #[cfg(any(test, feature = "pg_test"))]
 #[pgrx::pg_schema]
 mod tests {
-    use super::{NEXT_DEADLINE_SQL, REAP_SQL};
+    use super::{ANNOUNCE_SQL, NEXT_DEADLINE_SQL, REAP_SQL};
     use pgrx::datum::DatumWithOid;
     use pgrx::prelude::*;
-
-    /// The index scans in the plan of `sql` as the scheduler plans it: (index, whether it
-    /// has an index condition). Nodes under a one-time filter count too.
-    fn index_scans(sql: &str, args: &[DatumWithOid]) -> Vec<(String, bool)> {
-        fn walk(plan: &serde_json::Value, out: &mut Vec<(String, bool)>) {
-            if let Some(index) = plan.get("Index Name").and_then(|i| i.as_str()) {
-                out.push((index.to_string(), plan.get("Index Cond").is_some()));
-            }
-            for child in plan
-                .get("Plans")
-                .and_then(|p| p.as_array())
-                .into_iter()
-                .flatten()
-            {
-                walk(child, out);
-            }
-        }
-        crate::worker::plan_by_index();
-        let explain = format!("EXPLAIN (FORMAT JSON) {sql}");
-        let plan = Spi::get_one_with_args::<pgrx::Json>(&explain, args)
-            .expect("EXPLAIN failed")
-            .expect("EXPLAIN returned no plan");
-        let mut out = Vec::new();
-        walk(&plan.0[0]["Plan"], &mut out);
-        out
-    }
 
     fn reap_args(executors: bool) -> Vec<DatumWithOid<'static>> {
         let now =
@@ -284,10 +260,13 @@ mod tests {
         let now =
             Spi::get_one::<pgrx::datum::TimestampWithTimeZone>("SELECT now()").expect("now()");
         for (what, scans) in [
-            ("reap", index_scans(REAP_SQL, &reap_args(false))),
+            (
+                "reap",
+                crate::worker::index_scans(REAP_SQL, &reap_args(false)),
+            ),
             (
                 "next deadline",
-                index_scans(NEXT_DEADLINE_SQL, &[now.into()]),
+                crate::worker::index_scans(NEXT_DEADLINE_SQL, &[now.into()]),
             ),
         ] {
             assert!(
@@ -305,7 +284,7 @@ mod tests {
     fn the_reap_reads_the_primary_key_only_by_id() {
         Spi::run("ANALYZE queue.jobs").expect("analyze");
         for executors in [false, true] {
-            let scans = index_scans(REAP_SQL, &reap_args(executors));
+            let scans = crate::worker::index_scans(REAP_SQL, &reap_args(executors));
             assert!(
                 scans.iter().any(|(index, _)| index == "jobs_pkey"),
                 "{scans:?}"
@@ -315,6 +294,35 @@ mod tests {
                     .iter()
                     .all(|(index, cond)| index != "jobs_pkey" || *cond),
                 "executors {executors}: {scans:?}"
+            );
+        }
+    }
+
+    /// Jobs that become ready by time are read from jobs_scheduled_idx alone: a query that
+    /// jobs_ready_idx could serve would be planned on it with that index gone (and was by
+    /// some statistics: a walk of every entry a long transaction keeps there, each second).
+    #[pg_test]
+    fn scheduled_lookups_cannot_read_the_ready_index() {
+        Spi::run("DROP INDEX queue.jobs_scheduled_idx").expect("drop");
+        let now =
+            Spi::get_one::<pgrx::datum::TimestampWithTimeZone>("SELECT now()").expect("now()");
+        for (what, scans) in [
+            (
+                "announce",
+                crate::worker::index_scans(ANNOUNCE_SQL, &[now.into(), 1.0f64.into(), now.into()]),
+            ),
+            (
+                "next deadline",
+                crate::worker::index_scans(NEXT_DEADLINE_SQL, &[now.into()]),
+            ),
+            (
+                "executor's next ready",
+                crate::worker::index_scans(crate::worker::executor::NEXT_READY_SQL, &[]),
+            ),
+        ] {
+            assert!(
+                scans.iter().all(|(index, _)| index != "jobs_ready_idx"),
+                "{what}: {scans:?}"
             );
         }
     }
