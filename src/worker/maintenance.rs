@@ -237,13 +237,22 @@ mod tests {
     use pgrx::datum::DatumWithOid;
     use pgrx::prelude::*;
 
+    fn now() -> Option<pgrx::datum::TimestampWithTimeZone> {
+        Spi::get_one("SELECT now()").expect("now()")
+    }
+
+    /// Asserts that none of the named plans reads `index`.
+    fn assert_not_read<const N: usize>(index: &str, plans: [(&str, Vec<(String, bool)>); N]) {
+        for (what, scans) in plans {
+            assert!(scans.iter().all(|(i, _)| i != index), "{what}: {scans:?}");
+        }
+    }
+
     fn reap_args(executors: bool) -> Vec<DatumWithOid<'static>> {
-        let now =
-            Spi::get_one::<pgrx::datum::TimestampWithTimeZone>("SELECT now()").expect("now()");
         vec![
             Vec::<pgrx::Uuid>::new().into(),
             Option::<pgrx::Uuid>::None.into(),
-            now.into(),
+            now().into(),
             "executor died".into(),
             1000i64.into(),
             executors.into(),
@@ -257,23 +266,19 @@ mod tests {
     #[pg_test]
     fn lease_lookups_cannot_read_the_running_jobs_index() {
         Spi::run("DROP INDEX queue.jobs_leases_idx").expect("drop");
-        let now =
-            Spi::get_one::<pgrx::datum::TimestampWithTimeZone>("SELECT now()").expect("now()");
-        for (what, scans) in [
-            (
-                "reap",
-                crate::worker::index_scans(REAP_SQL, &reap_args(false)),
-            ),
-            (
-                "next deadline",
-                crate::worker::index_scans(NEXT_DEADLINE_SQL, &[now.into()]),
-            ),
-        ] {
-            assert!(
-                scans.iter().all(|(index, _)| index != "jobs_running_idx"),
-                "{what}: {scans:?}"
-            );
-        }
+        assert_not_read(
+            "jobs_running_idx",
+            [
+                (
+                    "reap",
+                    crate::worker::index_scans(REAP_SQL, &reap_args(false)),
+                ),
+                (
+                    "next deadline",
+                    crate::worker::index_scans(NEXT_DEADLINE_SQL, &[now().into()]),
+                ),
+            ],
+        );
     }
 
     /// The reap fetches the jobs it moves by primary key: a scan of jobs_pkey without an
@@ -304,26 +309,23 @@ mod tests {
     #[pg_test]
     fn scheduled_lookups_cannot_read_the_ready_index() {
         Spi::run("DROP INDEX queue.jobs_scheduled_idx").expect("drop");
-        let now =
-            Spi::get_one::<pgrx::datum::TimestampWithTimeZone>("SELECT now()").expect("now()");
-        for (what, scans) in [
-            (
-                "announce",
-                crate::worker::index_scans(ANNOUNCE_SQL, &[now.into(), 1.0f64.into(), now.into()]),
-            ),
-            (
-                "next deadline",
-                crate::worker::index_scans(NEXT_DEADLINE_SQL, &[now.into()]),
-            ),
-            (
-                "executor's next ready",
-                crate::worker::index_scans(crate::worker::executor::NEXT_READY_SQL, &[]),
-            ),
-        ] {
-            assert!(
-                scans.iter().all(|(index, _)| index != "jobs_ready_idx"),
-                "{what}: {scans:?}"
-            );
-        }
+        let announce_args = [now().into(), 1.0f64.into(), now().into()];
+        assert_not_read(
+            "jobs_ready_idx",
+            [
+                (
+                    "announce",
+                    crate::worker::index_scans(ANNOUNCE_SQL, &announce_args),
+                ),
+                (
+                    "next deadline",
+                    crate::worker::index_scans(NEXT_DEADLINE_SQL, &[now().into()]),
+                ),
+                (
+                    "executor's next ready",
+                    crate::worker::index_scans(crate::worker::executor::NEXT_READY_SQL, &[]),
+                ),
+            ],
+        );
     }
 }

@@ -181,7 +181,8 @@ pub fn flush_after_commit() {
 /// record took 0.5 ms to plan, each time). Without bitmap scans too: a generic plan is
 /// kept until the next ANALYZE, and when one counted a few live rows under a held
 /// snapshot the claim was planned as a bitmap scan and a sort (no early stop at its
-/// LIMIT) for that minute: pickup p50 grew from 0.15 to 2 ms, then fell back at the next.
+/// LIMIT) until the next; minutes of pickup p50 at 0.5–2 ms instead of 0.15 lined up with
+/// such ANALYZEs (docs/design.md "Plans that statistics flipped").
 /// Called only where no user code runs later in the transaction (after a batch's
 /// handlers, not before them).
 pub fn plan_by_index() {
