@@ -80,6 +80,7 @@ DECLARE
     states queue.job_state[];
     ready_queues text[];
     ready_ids uuid[];
+    ready_from timestamptz;
     q queue.queues;
     r record;
 BEGIN
@@ -122,8 +123,9 @@ BEGIN
             RETURNING j.id, j.queue, j.state, j.run_at)
         SELECT (SELECT coalesce(array_agg(m.id), '{}') FROM moved m),
                (SELECT array_agg(x.queue) FROM released x WHERE x.state = 'queued' AND x.run_at <= now()),
-               (SELECT array_agg(x.id) FROM released x WHERE x.state = 'queued' AND x.run_at <= now())
-          INTO ids, ready_queues, ready_ids;
+               (SELECT array_agg(x.id) FROM released x WHERE x.state = 'queued' AND x.run_at <= now()),
+               (SELECT min(x.run_at) FROM released x WHERE x.state = 'queued')
+          INTO ids, ready_queues, ready_ids, ready_from;
         states := array_fill('cancelled'::queue.job_state, ARRAY[cardinality(ids)]);
         FOR r IN SELECT x.queue, count(*)::integer AS n, min(x.id::text)::uuid AS id
                    FROM unnest(ready_queues, ready_ids) AS x(queue, id) GROUP BY x.queue LOOP
@@ -132,6 +134,8 @@ BEGIN
                 PERFORM queue.announce(q, r.n, r.id);
             END IF;
         END LOOP;
+        -- Released long after they were enqueued: behind where executors' claims resume.
+        PERFORM queue.rewind_executors(ready_from);
     END LOOP;
     RETURN NULL;
 END

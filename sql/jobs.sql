@@ -159,6 +159,7 @@ BEGIN
             PERFORM pg_notify(queue.channel(q.name), job_id::text);
         ELSE
             PERFORM queue.wake_executors(1);
+            PERFORM queue.rewind_executors(run_at);     -- a run_at of the past
         END IF;
     END IF;
     RETURN job_id;
@@ -258,6 +259,7 @@ BEGIN
             END IF;
             IF n_waiting = 0 AND (run_at IS NULL OR run_at <= now()) THEN
                 PERFORM queue.announce(q, 1, id);
+                PERFORM queue.rewind_executors(run_at);     -- a run_at of the past
             END IF;
             created := true;
             RETURN;
@@ -365,6 +367,7 @@ BEGIN
     GET DIAGNOSTICS n = ROW_COUNT;
     IF n > 0 AND (run_at IS NULL OR run_at <= now()) THEN
         PERFORM queue.announce(q, n, NULL);
+        PERFORM queue.rewind_executors(run_at);     -- a run_at of the past
     END IF;
 END
 $$;

@@ -582,6 +582,7 @@ BEGIN
             PERFORM pg_notify(queue.channel(q.name), job_id::text);
         ELSE
             PERFORM queue.wake_executors(1);
+            PERFORM queue.rewind_executors(run_at);     -- a run_at of the past
         END IF;
     END IF;
     RETURN job_id;
@@ -614,3 +615,238 @@ CREATE INDEX jobs_leases_idx ON queue.jobs (lease_expires_at) WHERE lease_expire
 --     that their readers cannot be planned on jobs_ready_idx.
 DROP INDEX queue.jobs_scheduled_idx;
 CREATE INDEX jobs_scheduled_idx ON queue.jobs (run_at) WHERE run_at > created_at;
+
+-- 11. Jobs made ready with a run_at of the past (an explicit run_at, dependents released
+--     long after they were enqueued) rewind the executors' claims to it at commit
+--     (src/worker/cursors.rs): full passes under an old snapshot look from where they last
+--     found each queue's jobs to begin, not from the head.
+CREATE FUNCTION queue.rewind_executors(run_at timestamptz) RETURNS void
+VOLATILE STRICT LANGUAGE c AS 'MODULE_PATHNAME', 'rewind_executors_wrapper';
+COMMENT ON FUNCTION queue.rewind_executors(timestamptz) IS 'Internal: jobs of that run_at became ready in this transaction; at commit, executors whose claims resume after it look back to it.';
+REVOKE ALL ON FUNCTION queue.rewind_executors(timestamptz) FROM PUBLIC;
+CREATE OR REPLACE FUNCTION queue.insert_job(
+    q queue.queues, who oid, payload jsonb, run_at timestamptz, priority integer,
+    max_attempts integer, timeout interval, unique_key text, unique_for interval,
+    depends_on uuid[], on_dependency_failure text, fair_key text,
+    OUT id uuid, OUT created boolean)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    existing uuid;
+    n_waiting integer := 0;
+    broken_id uuid;
+    broken_state queue.job_state;
+BEGIN
+    IF unique_for IS NOT NULL THEN
+        IF unique_key IS NULL THEN
+            RAISE EXCEPTION 'unique_for needs a unique_key' USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        IF unique_for <= interval '0' THEN
+            RAISE EXCEPTION 'unique_for must be positive, not %', unique_for
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        IF current_setting('transaction_isolation') <> 'read committed' THEN
+            RAISE EXCEPTION 'unique_for needs a READ COMMITTED transaction'
+                USING ERRCODE = 'feature_not_supported',
+                      DETAIL = format('Under %s isolation a job of the key finishing meanwhile would not be seen.',
+                                      current_setting('transaction_isolation')),
+                      HINT = 'Enqueue in a READ COMMITTED transaction, or without unique_for.';
+        END IF;
+    END IF;
+    IF depends_on IS NOT NULL THEN
+        on_dependency_failure := coalesce(on_dependency_failure, 'cancel');
+        IF on_dependency_failure NOT IN ('cancel', 'run') THEN
+            RAISE EXCEPTION 'on_dependency_failure must be cancel or run, not %', on_dependency_failure
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+    ELSIF on_dependency_failure IS NOT NULL THEN
+        RAISE EXCEPTION 'on_dependency_failure needs depends_on' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOR i IN 1 .. 100 LOOP
+        id := queue.uuid_generate_v7();
+        IF depends_on IS NOT NULL THEN
+            SELECT w.waiting, w.broken, w.broken_state INTO n_waiting, broken_id, broken_state
+              FROM queue.wait_for_dependencies(id, depends_on, who) w;
+            IF broken_id IS NOT NULL AND on_dependency_failure = 'cancel' THEN
+                DELETE FROM queue.job_dependents d WHERE d.child = insert_job.id;
+                INSERT INTO queue.history (id, queue, state, payload, enqueued_by, unique_key, depends_on,
+                                           on_dependency_failure, priority, run_at, attempts, max_attempts,
+                                           timeout, created_at, finished_at, errors)
+                VALUES (id, q.name, 'cancelled', payload, who, unique_key, depends_on, on_dependency_failure,
+                        priority, coalesce(run_at, now()), 0, coalesce(max_attempts, q.max_attempts), timeout,
+                        now(), clock_timestamp(),
+                        jsonb_build_array(jsonb_build_object('attempt', 0, 'at', clock_timestamp(),
+                            'message', format('dependency %s %s', broken_id, broken_state))));
+                created := true;
+                RETURN;
+            END IF;
+        END IF;
+        INSERT INTO queue.jobs AS j (id, queue, state, payload, enqueued_by, priority, run_at,
+                                     max_attempts, timeout, created_at, unique_key, depends_on,
+                                     on_dependency_failure, waiting_for, fair_key)
+        VALUES (id, q.name, CASE WHEN n_waiting > 0 THEN 'waiting' ELSE 'queued' END::queue.job_state,
+                payload, who, priority, coalesce(run_at, now()), coalesce(max_attempts, q.max_attempts),
+                timeout, now(), unique_key, depends_on, on_dependency_failure, n_waiting,
+                CASE WHEN q.fair_share THEN coalesce(insert_job.fair_key, '') ELSE insert_job.fair_key END)
+        ON CONFLICT (queue, unique_key) WHERE j.unique_key IS NOT NULL DO NOTHING;
+        IF FOUND THEN
+            IF unique_for IS NOT NULL THEN
+                SELECT h.id INTO existing FROM queue.history h
+                 WHERE h.queue = q.name AND h.unique_key = insert_job.unique_key
+                   AND h.state = 'succeeded' AND h.finished_at > clock_timestamp() - unique_for
+                 ORDER BY h.finished_at DESC LIMIT 1;
+                IF FOUND THEN
+                    DELETE FROM queue.jobs j WHERE j.id = insert_job.id;
+                    DELETE FROM queue.job_dependents d WHERE d.child = insert_job.id;
+                    id := existing;
+                    created := false;
+                    RETURN;
+                END IF;
+            END IF;
+            IF n_waiting = 0 AND (run_at IS NULL OR run_at <= now()) THEN
+                PERFORM queue.announce(q, 1, id);
+                PERFORM queue.rewind_executors(run_at);     -- a run_at of the past
+            END IF;
+            created := true;
+            RETURN;
+        END IF;
+        DELETE FROM queue.job_dependents d WHERE d.child = insert_job.id;
+        SELECT j.id INTO id FROM queue.jobs j WHERE j.queue = q.name AND j.unique_key = insert_job.unique_key;
+        IF FOUND THEN
+            created := false;
+            RETURN;
+        END IF;
+    END LOOP;
+    RAISE EXCEPTION 'could not enqueue with unique key "%": its jobs keep finishing', unique_key
+        USING ERRCODE = 'serialization_failure', HINT = 'Retry the transaction.';
+END
+$$;
+
+CREATE OR REPLACE FUNCTION queue.enqueue_many(
+    queue        text,
+    payloads     jsonb[],
+    run_at       timestamptz DEFAULT NULL,
+    priority     integer     DEFAULT 0,
+    max_attempts integer     DEFAULT NULL,
+    timeout      interval    DEFAULT NULL,
+    unique_keys  text[]      DEFAULT NULL,
+    unique_for   interval    DEFAULT NULL,
+    depends_on   uuid[]      DEFAULT NULL,
+    on_dependency_failure text DEFAULT NULL,
+    fair_keys    text[]      DEFAULT NULL)
+RETURNS SETOF uuid LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    q queue.queues := queue.authorize(queue, 'enqueue');
+    n integer;
+    who oid;
+BEGIN
+    IF payloads IS NULL OR array_position(payloads, NULL) IS NOT NULL THEN
+        RAISE EXCEPTION 'payloads must not be NULL nor contain NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    PERFORM queue.check_job_options(priority, max_attempts, timeout);
+    PERFORM queue.check_capacity(q, payloads);          -- all or nothing
+    IF cardinality(fair_keys) <> cardinality(payloads) THEN
+        RAISE EXCEPTION 'fair_keys has % elements for % payloads', cardinality(fair_keys), cardinality(payloads)
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Give one key (or NULL) per payload.';
+    END IF;
+    IF unique_keys IS NOT NULL OR unique_for IS NOT NULL OR depends_on IS NOT NULL
+       OR on_dependency_failure IS NOT NULL THEN
+        -- Keys or dependencies: job by job, in payload order, through enqueue's own path,
+        -- so a key repeated within the call gives the first job's id again.
+        IF cardinality(unique_keys) <> cardinality(payloads) THEN
+            RAISE EXCEPTION 'unique_keys has % elements for % payloads', cardinality(unique_keys),
+                            cardinality(payloads)
+                USING ERRCODE = 'invalid_parameter_value', HINT = 'Give one key (or NULL) per payload.';
+        END IF;
+        who := queue.caller();
+        FOR i IN 1 .. cardinality(payloads) LOOP
+            RETURN NEXT (queue.insert_job(q, who, payloads[i], run_at, priority, max_attempts, timeout,
+                                          unique_keys[i], unique_for, depends_on,
+                                          on_dependency_failure, fair_keys[i])).id;
+        END LOOP;
+        RETURN;
+    END IF;
+    RETURN QUERY
+    INSERT INTO queue.jobs (id, queue, state, payload, enqueued_by, priority, run_at, max_attempts,
+                            timeout, created_at, fair_key)
+    SELECT queue.uuid_generate_v7(), q.name, 'queued', p.payload, queue.caller(), enqueue_many.priority,
+           coalesce(enqueue_many.run_at, now()), coalesce(enqueue_many.max_attempts, q.max_attempts),
+           enqueue_many.timeout, now(), CASE WHEN q.fair_share THEN coalesce(p.fkey, '') ELSE p.fkey END
+      FROM unnest(payloads, coalesce(fair_keys, '{}')) WITH ORDINALITY AS p(payload, fkey, ord)
+     ORDER BY p.ord
+    RETURNING id;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF n > 0 AND (run_at IS NULL OR run_at <= now()) THEN
+        PERFORM queue.announce(q, n, NULL);
+        PERFORM queue.rewind_executors(run_at);     -- a run_at of the past
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION queue.release_dependents() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    ids uuid[];
+    states queue.job_state[];
+    ready_queues text[];
+    ready_ids uuid[];
+    ready_from timestamptz;
+    q queue.queues;
+    r record;
+BEGIN
+    IF pg_trigger_depth() > 1 OR NOT EXISTS (SELECT 1 FROM queue.job_dependents) THEN
+        RETURN NULL;
+    END IF;
+    SELECT array_agg(f.id), array_agg(f.state) INTO ids, states FROM finished f;
+    WHILE cardinality(ids) > 0 LOOP
+        WITH f AS (SELECT * FROM unnest(ids, states) AS f(id, state)),
+        e AS (DELETE FROM queue.job_dependents d USING f
+               WHERE d.parent = f.id
+              RETURNING d.child, d.parent, f.state),
+        c AS (SELECT e.child, count(*)::integer AS n,
+                     (array_agg(e.parent ORDER BY e.parent) FILTER (WHERE e.state <> 'succeeded'))[1] AS broken,
+                     (array_agg(e.state ORDER BY e.parent) FILTER (WHERE e.state <> 'succeeded'))[1] AS broken_state
+                FROM e GROUP BY e.child),
+        cancelled AS (
+            DELETE FROM queue.jobs j USING c
+             WHERE j.id = c.child AND j.state = 'waiting'
+               AND c.broken IS NOT NULL AND j.on_dependency_failure = 'cancel'
+            RETURNING j.*, c.broken, c.broken_state),
+        moved AS (
+            INSERT INTO queue.history (id, queue, state, payload, enqueued_by, unique_key, depends_on,
+                                       on_dependency_failure, priority, run_at, attempts, max_attempts,
+                                       timeout, created_at, finished_at, errors)
+            SELECT x.id, x.queue, 'cancelled', x.payload, x.enqueued_by, x.unique_key, x.depends_on,
+                   x.on_dependency_failure, x.priority, x.run_at, x.attempts, x.max_attempts, x.timeout,
+                   x.created_at, clock_timestamp(),
+                   x.errors || jsonb_build_object('attempt', x.attempts, 'at', clock_timestamp(),
+                                                  'message', format('dependency %s %s', x.broken, x.broken_state))
+              FROM cancelled x
+            RETURNING id),
+        released AS (
+            UPDATE queue.jobs j
+               SET waiting_for = j.waiting_for - c.n,
+                   state = CASE WHEN j.waiting_for - c.n > 0 THEN 'waiting' ELSE 'queued' END::queue.job_state
+              FROM c
+             WHERE j.id = c.child AND j.state = 'waiting'
+               AND (c.broken IS NULL OR j.on_dependency_failure = 'run')
+            RETURNING j.id, j.queue, j.state, j.run_at)
+        SELECT (SELECT coalesce(array_agg(m.id), '{}') FROM moved m),
+               (SELECT array_agg(x.queue) FROM released x WHERE x.state = 'queued' AND x.run_at <= now()),
+               (SELECT array_agg(x.id) FROM released x WHERE x.state = 'queued' AND x.run_at <= now()),
+               (SELECT min(x.run_at) FROM released x WHERE x.state = 'queued')
+          INTO ids, ready_queues, ready_ids, ready_from;
+        states := array_fill('cancelled'::queue.job_state, ARRAY[cardinality(ids)]);
+        FOR r IN SELECT x.queue, count(*)::integer AS n, min(x.id::text)::uuid AS id
+                   FROM unnest(ready_queues, ready_ids) AS x(queue, id) GROUP BY x.queue LOOP
+            SELECT * INTO q FROM queue.queues x WHERE x.name = r.queue;
+            IF FOUND THEN
+                PERFORM queue.announce(q, r.n, r.id);
+            END IF;
+        END LOOP;
+        -- Released long after they were enqueued: behind where executors' claims resume.
+        PERFORM queue.rewind_executors(ready_from);
+    END LOOP;
+    RETURN NULL;
+END
+$$;

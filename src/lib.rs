@@ -58,6 +58,7 @@ extension_sql_file!(
         state::job_invariants,
         api::uuid_generate_v7,
         api::wake_executors,
+        api::rewind_executors,
         api::request_cancel,
         api::job_progress
     ]

@@ -196,6 +196,9 @@ fn fast_path(args: &[DatumWithOid<'_>]) -> Option<pgrx::Uuid> {
                     .unwrap_or_else(|e| pgrx::error!("{e}"));
             } else {
                 crate::api::wake_executors(1);
+                if run_at < now {
+                    crate::api::rewind_executors_at_commit(run_at);
+                }
             }
         }
         Some(id)

@@ -16,6 +16,11 @@ fn uuid_generate_v7() -> pgrx::Uuid {
 thread_local! {
     /// Jobs made ready by the current transaction, for which executors are woken at commit.
     static PENDING_WAKEUPS: Cell<usize> = const { Cell::new(0) };
+    /// The earliest run_at of the jobs it made ready with a run_at of their own (i64::MAX:
+    /// none), for which executors' claims look back at commit.
+    static PENDING_REWIND: Cell<i64> = const { Cell::new(i64::MAX) };
+    /// The commit and abort callbacks are registered for the current transaction.
+    static AT_COMMIT: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Wakes up to `jobs` idle executors once the current transaction commits (an executor
@@ -26,14 +31,31 @@ fn wake_executors(jobs: i32) {
     if jobs <= 0 {
         return;
     }
-    let pending = PENDING_WAKEUPS.get();
-    PENDING_WAKEUPS.set(pending.saturating_add(jobs as usize));
-    if pending > 0 {
-        return; // callbacks already registered for this transaction
+    PENDING_WAKEUPS.set(PENDING_WAKEUPS.get().saturating_add(jobs as usize));
+    at_commit();
+}
+
+/// Jobs of this run_at became ready in the current transaction: a run_at in the past, or
+/// dependents released long after they were enqueued. At commit, executors' claims and
+/// full passes look back to it if it is behind where they may resume (worker/cursors.rs).
+#[pg_extern(volatile, strict)]
+fn rewind_executors(run_at: pgrx::datum::TimestampWithTimeZone) {
+    rewind_executors_at_commit(run_at.into());
+}
+
+/// `queue.rewind_executors` with a run_at in Postgres microseconds.
+pub fn rewind_executors_at_commit(run_at: i64) {
+    PENDING_REWIND.set(PENDING_REWIND.get().min(run_at));
+    at_commit();
+}
+
+/// Registers, once per transaction, what `wake_executors` and `rewind_executors` do at its
+/// commit, and forgetting them at its abort.
+fn at_commit() {
+    if AT_COMMIT.replace(true) {
+        return;
     }
     pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, || {
-        // Its jobs' run_at is the transaction's start: from a long transaction, they sort
-        // behind where executors' claims resume (worker/cursors.rs).
         // SAFETY: both read the clock or the current transaction's start.
         let (now, start) = unsafe {
             (
@@ -41,13 +63,25 @@ fn wake_executors(jobs: i32) {
                 pg_sys::GetCurrentTransactionStartTimestamp(),
             )
         };
-        if now - start > crate::worker::cursors::MARGIN_US / 2 {
-            crate::shmem::request_rewind(start);
+        // Jobs of a run_at older than half the margin may sort behind where executors'
+        // claims resume: those of a long transaction (its jobs' run_at is its start), and
+        // those made ready with an earlier run_at of their own.
+        let behind = now - crate::worker::cursors::MARGIN_US / 2;
+        let wakeups = PENDING_WAKEUPS.replace(0);
+        let mut rewind = PENDING_REWIND.replace(i64::MAX);
+        if wakeups > 0 {
+            rewind = rewind.min(start);
         }
-        crate::shmem::wake_idle_executors(PENDING_WAKEUPS.replace(0));
+        if rewind < behind {
+            crate::shmem::request_rewind(rewind);
+        }
+        crate::shmem::wake_idle_executors(wakeups);
+        AT_COMMIT.set(false);
     });
     pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Abort, || {
         PENDING_WAKEUPS.set(0);
+        PENDING_REWIND.set(i64::MAX);
+        AT_COMMIT.set(false);
     });
 }
 
@@ -176,6 +210,7 @@ extension_sql!(
 COMMENT ON FUNCTION queue.uuid_generate_v7() IS 'A new time-ordered UUIDv7 (the kind of id every job has).';
 COMMENT ON FUNCTION queue.wake_executors(integer) IS 'Internal: wakes idle executors for that many ready jobs when the current transaction commits.';
 COMMENT ON FUNCTION queue.request_cancel(uuid, integer) IS 'Internal: asks an executor to interrupt the job it runs (used by queue.cancel).';
+COMMENT ON FUNCTION queue.rewind_executors(timestamptz) IS 'Internal: jobs of that run_at became ready in this transaction; at commit, executors whose claims resume after it look back to it.';
 COMMENT ON FUNCTION queue.current_job() IS 'Inside a SQL handler: the running job (id, queue, attempt, max_attempts, payload, depends_on). No row elsewhere.';
 COMMENT ON FUNCTION queue.job_transitions() IS 'The legal moves between job states (the state machine every statement follows).';
 COMMENT ON FUNCTION queue.set_progress(jsonb) IS 'Inside a SQL handler: reports the running job''s progress (at most 2048 bytes of JSON; NULL clears it). queue.status and queue.workers show it at once, before the handler commits; it is kept with the attempt''s outcome (in history, or in the failed attempt''s errors entry).';
@@ -188,6 +223,7 @@ COMMENT ON FUNCTION queue.reap() IS 'Runs one reaper pass now: running jobs of d
     requires = [
         uuid_generate_v7,
         wake_executors,
+        rewind_executors,
         current_job,
         set_progress,
         check_progress,
