@@ -654,13 +654,14 @@ fn record(client: &mut SpiClient<'_>, outcomes: &[Outcome]) -> Result<(), SqlErr
     Ok(())
 }
 
-/// Queues with ready jobs that executors serve, with how to call their handlers and as
-/// whom (the owner, if that role still exists). A queue's ready jobs are looked for from
-/// where this executor's claims of it resume ($1..$5: queue, priority, window start,
-/// run_at, id; the head of the queue without one), in its window, and before it among
-/// higher priorities (worker/cursors.rs); the first one's key is where a full pass claims
-/// from, so that the walk from the head of the index happens here, before the claim lock.
-/// The checks read the index in claim order, so that the planner never scans the table.
+/// The queues executors serve, with how to call their handlers and as whom (the owner, if
+/// that role still exists), and the key of each one's first ready job (NULL: none where we
+/// looked). A queue's ready jobs are looked for from where this executor's claims of it
+/// resume, or from where a full pass looks ($1..$5: queue, priority, window start, run_at,
+/// id; the head of the queue without one), in its window, and before it among higher
+/// priorities (worker/cursors.rs); the first one's key is where a full pass claims from, so
+/// that its walk past dead entries happens here, before the claim lock. The checks read the
+/// index in claim order, so that the planner never scans the table.
 const READY_QUEUES_SQL: &str = "
 SELECT q.name, q.concurrency, q.owner::oid,
        (extract(epoch FROM q.timeout) * 1000)::int4,
@@ -678,7 +679,7 @@ SELECT q.name, q.concurrency, q.owner::oid,
   LEFT JOIN unnest($1::text[], $2::int4[], $3::timestamptz[], $4::timestamptz[], $5::uuid[])
          AS c(name, priority, window_start, run_at, id)
          ON c.name = q.name
-  CROSS JOIN LATERAL (
+  LEFT JOIN LATERAL (
       (SELECT j.priority, j.run_at, j.id FROM queue.jobs j
         WHERE j.queue = q.name AND j.state = 'queued' AND j.run_at <= statement_timestamp()
           AND j.priority < coalesce(c.priority, -2147483648)
@@ -695,7 +696,7 @@ SELECT q.name, q.concurrency, q.owner::oid,
                                                coalesce(c.run_at, '-infinity'),
                                                coalesce(c.id, '00000000-0000-0000-0000-000000000000'))
         ORDER BY j.priority, j.run_at, j.id LIMIT 1)
-      LIMIT 1) f
+      LIMIT 1) f ON true
  WHERE NOT q.paused AND NOT q.notify
    AND (q.throttled_until IS NULL OR q.throttled_until <= statement_timestamp())
  ORDER BY q.name";
@@ -830,10 +831,10 @@ fn claim_pass(
     turn: usize,
     full: bool,
 ) -> Result<VecDeque<Claimed>, SqlError> {
-    let started = full.then(cursors::full_pass_started);
-    let claimed = claim_from_queues(client, executor_id, limit, turn, full);
-    if let Some(started) = started {
-        cursors::full_pass_done(started);
+    let pass = full.then(cursors::full_pass_started);
+    let claimed = claim_from_queues(client, executor_id, limit, turn, pass.as_ref());
+    if let Some(pass) = pass {
+        cursors::full_pass_done(pass);
     }
     claimed
 }
@@ -843,8 +844,9 @@ fn claim_from_queues(
     executor_id: pgrx::Uuid,
     limit: i32,
     turn: usize,
-    full: bool,
+    pass: Option<&cursors::FullPass>,
 ) -> Result<VecDeque<Claimed>, SqlError> {
+    let full = pass.is_some();
     // A full pass reads where each queue's ready jobs begin (READY_QUEUES_SQL).
     let hot = HOT_QUEUE.with_borrow_mut(|h| match h.take() {
         Some((since, q)) if since.elapsed() < HOT_QUEUE_TTL && !full => Some((since, q)),
@@ -857,7 +859,7 @@ fn claim_from_queues(
             return Ok(claimed);
         }
     }
-    let queues = ready_queues(client, full)?;
+    let queues = ready_queues(client, pass)?;
     let n = queues.len();
     for i in 0..n {
         let q = &queues[(turn + i) % n];
@@ -876,9 +878,17 @@ fn run_at_arg(us: i64) -> TimestampWithTimeZone {
         .unwrap_or_else(|_| TimestampWithTimeZone::negative_infinity())
 }
 
-fn ready_queues(client: &mut SpiClient<'_>, full: bool) -> Result<Vec<ReadyQueue>, SqlError> {
+/// The queues with ready jobs from where this executor looks: its cursors, or in a full
+/// pass, the head or the low-water keys, which the pass moves to where it found each
+/// queue's ready jobs to begin.
+fn ready_queues(
+    client: &mut SpiClient<'_>,
+    pass: Option<&cursors::FullPass>,
+) -> Result<Vec<ReadyQueue>, SqlError> {
     let mut queues = Vec::new();
-    let starts = if full { Vec::new() } else { cursors::starts() };
+    // SAFETY: reads the statement time that READY_QUEUES_SQL compares run_at with.
+    let now = unsafe { pg_sys::GetCurrentStatementStartTimestamp() };
+    let starts = pass.map_or_else(cursors::starts, cursors::full_pass_starts);
     let names: Vec<&str> = starts.iter().map(|(q, _)| q.as_str()).collect();
     let priorities: Vec<i32> = starts.iter().map(|(_, k)| k.priority).collect();
     let window_starts: Vec<TimestampWithTimeZone> = starts
@@ -915,6 +925,24 @@ fn ready_queues(client: &mut SpiClient<'_>, full: bool) -> Result<Vec<ReadyQueue
     )? {
         let name: Option<String> = row.get(1)?;
         let Some(name) = name else { continue };
+        let first = match (
+            row.get::<i32>(14)?,
+            row.get::<TimestampWithTimeZone>(15)?,
+            row.get::<pgrx::Uuid>(16)?,
+        ) {
+            (Some(priority), Some(run_at), Some(id)) => Some(cursors::Key {
+                priority,
+                run_at: run_at.into(),
+                id: *id.as_bytes(),
+            }),
+            _ => None,
+        };
+        if pass.is_some() {
+            cursors::found_first(&name, first, now);
+        }
+        if first.is_none() {
+            continue; // nothing ready where we looked
+        }
         let call = match (row.get::<String>(5)?, row.get::<bool>(8)?) {
             (_, Some(false) | None) => Err(SqlError {
                 sqlstate: "42704".into(),
@@ -949,18 +977,7 @@ fn ready_queues(client: &mut SpiClient<'_>, full: bool) -> Result<Vec<ReadyQueue
             },
             name,
             timeout_ms: row.get::<i32>(4)?.unwrap_or(300_000),
-            first: match (
-                row.get::<i32>(14)?,
-                row.get::<TimestampWithTimeZone>(15)?,
-                row.get::<pgrx::Uuid>(16)?,
-            ) {
-                (Some(priority), Some(run_at), Some(id)) => Some(cursors::Key {
-                    priority,
-                    run_at: run_at.into(),
-                    id: *id.as_bytes(),
-                }),
-                _ => None,
-            },
+            first,
         });
     }
     Ok(queues)
