@@ -39,6 +39,9 @@ pub struct Slot {
     /// where the executor's claims resume (worker/cursors.rs); i64::MAX = none since it
     /// last looked, i64::MIN = anywhere.
     rewind_to: AtomicI64,
+    /// Since when (ms since the epoch) the executor walks its queues from the head past an
+    /// old snapshot's dead entries (0: it does not): one executor of a database at a time.
+    head_pass_since_ms: AtomicI64,
 }
 
 /// The last progress report of the job an executor runs: one writer (the executor), any
@@ -187,6 +190,7 @@ impl Registry {
                 cancel_lo: AtomicU64::new(0),
                 progress: Progress::new(),
                 rewind_to: AtomicI64::new(i64::MAX),
+                head_pass_since_ms: AtomicI64::new(0),
             }),
             databases: std::array::from_fn(|_| Database {
                 oid: AtomicU32::new(0),
@@ -248,6 +252,7 @@ pub fn register_executor(slot: usize, id: uuid::Uuid) -> bool {
     let procno = unsafe { (*pg_sys::MyProc).pgprocno };
     slot.procno.store(procno, Ordering::Relaxed);
     slot.idle.store(BUSY, Ordering::Relaxed);
+    slot.head_pass_since_ms.store(0, Ordering::Relaxed);
     slot.db.store(my_db(), Ordering::Relaxed);
     slot.pid.store(my_pid(), Ordering::Release);
     true
@@ -394,6 +399,59 @@ pub fn take_rewind(slot: usize) -> Option<i64> {
     let s = registry()?.slots.get(slot)?;
     let to = s.rewind_to.swap(i64::MAX, Ordering::AcqRel);
     (to != i64::MAX).then_some(to)
+}
+
+/// A flag older than this is one its executor failed to clear (it is not a pass: those
+/// take at most a fiftieth of an executor's time, and one from the head starts at most
+/// every 10 s).
+const HEAD_PASS_STALE_MS: i64 = 60_000;
+
+/// The executor in `slot` is about to walk its queues from the head past an old
+/// snapshot's dead entries (worker/cursors.rs). Two executors in such a walk at once left
+/// both unable to claim for its length (jobs waited up to 250 ms), so one may while none
+/// other of its database does; false: another does (the caller looks from the low-water
+/// keys this time). `head_pass_done` clears it.
+pub fn begin_head_pass(slot: usize) -> bool {
+    let Some(r) = registry() else {
+        return true;
+    };
+    let db = my_db();
+    let others: Vec<&AtomicI64> = r
+        .slots
+        .iter()
+        .enumerate()
+        .filter(|(i, s)| {
+            *i != slot && s.pid.load(Ordering::Acquire) > 0 && s.db.load(Ordering::Relaxed) == db
+        })
+        .map(|(_, s)| &s.head_pass_since_ms)
+        .collect();
+    match r.slots.get(slot) {
+        Some(s) => claim_head_pass(&s.head_pass_since_ms, &others, now_ms()),
+        None => true,
+    }
+}
+
+/// The walk `begin_head_pass` allowed ended (or never began).
+pub fn head_pass_done(slot: usize) {
+    if let Some(s) = registry().and_then(|r| r.slots.get(slot)) {
+        s.head_pass_since_ms.store(0, Ordering::SeqCst);
+    }
+}
+
+/// Sets `mine` to `now`, then looks at the others' flags: with another set (and not
+/// stale), clears `mine` and says no. Both stores precede both loads (SeqCst), so of two
+/// executors that try at once, at most one goes on; both may back off, and try again at
+/// their next full pass.
+fn claim_head_pass(mine: &AtomicI64, others: &[&AtomicI64], now: i64) -> bool {
+    mine.store(now, Ordering::SeqCst);
+    let taken = others.iter().any(|o| {
+        let since = o.load(Ordering::SeqCst);
+        since != 0 && now - since < HEAD_PASS_STALE_MS
+    });
+    if taken {
+        mine.store(0, Ordering::SeqCst);
+    }
+    !taken
 }
 
 /// Registry slots in use by database `db`: (slot, pid), the pid negative while its
@@ -716,6 +774,21 @@ pub fn release_database(oid: u32) {
 mod tests {
     use super::{Progress, MAX_PROGRESS_SIZE};
     use pgrx::prelude::*;
+
+    #[pg_test]
+    fn one_executor_walks_from_the_head_at_a_time() {
+        use super::{claim_head_pass, HEAD_PASS_STALE_MS};
+        use std::sync::atomic::{AtomicI64, Ordering};
+        let (a, b) = (AtomicI64::new(0), AtomicI64::new(0));
+        assert!(claim_head_pass(&a, &[&b], 1_000));
+        assert!(!claim_head_pass(&b, &[&a], 1_001), "a's walk is under way");
+        assert_eq!(b.load(Ordering::SeqCst), 0, "b backed off");
+        a.store(0, Ordering::SeqCst); // a's walk ended
+        assert!(claim_head_pass(&b, &[&a], 1_002));
+        // A flag its executor failed to clear stops nobody for long.
+        assert!(!claim_head_pass(&a, &[&b], 1_002 + HEAD_PASS_STALE_MS - 1));
+        assert!(claim_head_pass(&a, &[&b], 1_002 + HEAD_PASS_STALE_MS));
+    }
 
     #[pg_test]
     fn progress_round_trips_every_length_and_belongs_to_one_job() {

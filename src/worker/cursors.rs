@@ -39,7 +39,9 @@
 //! in the ways it can behind a cursor, and the same rewinds move the low-water keys back; a
 //! pass from the head still follows every `MIN_HEAD_INTERVAL`, or 49 times what the last
 //! one cost, whichever is longer, in case anything else did: an executor idle since a pass
-//! from the low-water keys wakes for it.
+//! from the low-water keys wakes for it. One executor of a database at a time walks from
+//! the head while that is costly (`shmem::begin_head_pass`); another whose walk is due
+//! looks from the low-water keys meanwhile, and walks after it.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -209,6 +211,21 @@ pub fn wake_in() -> Option<Duration> {
 pub struct FullPass {
     started: Instant,
     pub from_head: bool,
+}
+
+impl FullPass {
+    /// Whether it walks from the head past an old snapshot's dead entries (the last pass
+    /// from the head cost more than a commit): one executor at a time does that
+    /// (`shmem::begin_head_pass`).
+    pub fn walks_dead_entries(&self) -> bool {
+        self.from_head && CURSORS.with_borrow(|c| c.head_cost > COSTLY_FULL_PASS)
+    }
+
+    /// Another executor walks from the head: this pass looks from the low-water keys, and
+    /// the next one tries the head again.
+    pub fn look_from_low_water(&mut self) {
+        self.from_head = false;
+    }
 }
 
 /// Starts a full pass, for `full_pass_done`.

@@ -226,7 +226,8 @@ impl Executor {
                 // Our own bookkeeping failed (not a handler: those are caught per job). The
                 // batch rolled back; hand its jobs to the reaper's rules right away.
                 log!("pg_queue executor: batch failed: {e}; releasing its jobs");
-                // Its claims rolled back: those jobs are queued again, in their place.
+                shmem::head_pass_done(self.slot); // if it failed in one
+                                                  // Its claims rolled back: those jobs are queued again, in their place.
                 shmem::request_rewind(i64::MIN);
                 self.release_jobs(&e);
                 if !extension_exists() {
@@ -831,9 +832,20 @@ fn claim_pass(
     turn: usize,
     full: bool,
 ) -> Result<VecDeque<Claimed>, SqlError> {
-    let pass = full.then(cursors::full_pass_started);
+    let mut pass = full.then(cursors::full_pass_started);
+    let slot = SLOT.get().unwrap_or(usize::MAX);
+    let walk = pass.as_ref().is_some_and(|p| p.walks_dead_entries());
+    if let Some(p) = pass
+        .as_mut()
+        .filter(|_| walk && !shmem::begin_head_pass(slot))
+    {
+        p.look_from_low_water();
+    }
     let claimed = claim_from_queues(client, executor_id, limit, turn, pass.as_ref());
     if let Some(pass) = pass {
+        if pass.from_head && walk {
+            shmem::head_pass_done(slot);
+        }
         cursors::full_pass_done(pass);
     }
     claimed
