@@ -282,7 +282,11 @@ pub fn found_first(queue: &str, first: Option<Key>, now: i64) {
             run_at: now,
             id: [0; 16],
         });
-        if c.low.len() >= MAX_QUEUES && !c.low.contains_key(queue) {
+        if let Some(low) = c.low.get_mut(queue) {
+            *low = key; // a full pass records every queue: no allocation for known ones
+            return;
+        }
+        if c.low.len() >= MAX_QUEUES {
             c.low.clear(); // queues come and go: start over rather than grow
         }
         c.low.insert(queue.to_string(), key);

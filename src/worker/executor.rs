@@ -13,7 +13,7 @@ use crate::{gucs, shmem};
 use pgrx::bgworkers::BackgroundWorker;
 use pgrx::datum::TimestampWithTimeZone;
 use pgrx::pg_sys::BuiltinOid::{
-    INT4ARRAYOID, INT4OID, INT8ARRAYOID, TEXTARRAYOID, TEXTOID, TIMESTAMPTZARRAYOID,
+    BOOLOID, INT4ARRAYOID, INT4OID, INT8ARRAYOID, TEXTARRAYOID, TEXTOID, TIMESTAMPTZARRAYOID,
     TIMESTAMPTZOID, UUIDARRAYOID, UUIDOID,
 };
 use pgrx::prelude::*;
@@ -656,8 +656,9 @@ fn record(client: &mut SpiClient<'_>, outcomes: &[Outcome]) -> Result<(), SqlErr
 }
 
 /// The queues executors serve, with how to call their handlers and as whom (the owner, if
-/// that role still exists), and the key of each one's first ready job (NULL: none where we
-/// looked). A queue's ready jobs are looked for from where this executor's claims of it
+/// that role still exists), and the key of each one's first ready job. A queue with none
+/// where we looked is left out, but for a full pass ($6: NULL keys, so that it records
+/// where it looked; the handler's call is then formatted for every queue). A queue's ready jobs are looked for from where this executor's claims of it
 /// resume, or from where a full pass looks ($1..$5: queue, priority, window start, run_at,
 /// id; the head of the queue without one), in its window, and before it among higher
 /// priorities (worker/cursors.rs); the first one's key is where a full pass claims from, so
@@ -698,7 +699,7 @@ SELECT q.name, q.concurrency, q.owner::oid,
                                                coalesce(c.id, '00000000-0000-0000-0000-000000000000'))
         ORDER BY j.priority, j.run_at, j.id LIMIT 1)
       LIMIT 1) f ON true
- WHERE NOT q.paused AND NOT q.notify
+ WHERE (f.id IS NOT NULL OR $6) AND NOT q.paused AND NOT q.notify
    AND (q.throttled_until IS NULL OR q.throttled_until <= statement_timestamp())
  ORDER BY q.name";
 
@@ -922,6 +923,7 @@ fn ready_queues(
             BuiltIn(TIMESTAMPTZARRAYOID),
             BuiltIn(TIMESTAMPTZARRAYOID),
             BuiltIn(UUIDARRAYOID),
+            BuiltIn(BOOLOID),
         ],
     )?;
     for row in client.update(
@@ -933,6 +935,7 @@ fn ready_queues(
             window_starts.into(),
             run_ats.into(),
             ids.into(),
+            pass.is_some().into(),
         ],
     )? {
         let name: Option<String> = row.get(1)?;
