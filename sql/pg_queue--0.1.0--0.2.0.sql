@@ -850,3 +850,54 @@ BEGIN
     RETURN NULL;
 END
 $$;
+
+-- 12. drop_queue(force) locks the queue's jobs in id order before the queue's row, and
+--     tries again after losing a deadlock to an executor recording a batch (sql/queues.sql).
+CREATE OR REPLACE FUNCTION queue.drop_queue(name text, force boolean DEFAULT false)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    q queue.queues := queue.authorize(name, 'own');
+    live bigint;
+    deadlocks integer := 0;
+BEGIN
+    SELECT count(*) INTO live FROM queue.jobs WHERE jobs.queue = q.name;
+    IF live > 0 AND NOT coalesce(force, false) THEN
+        RAISE EXCEPTION 'queue "%" has % live jobs', name, live
+            USING ERRCODE = 'object_in_use',
+                  HINT = 'Wait for them to finish, or use drop_queue(name, force => true) to cancel them.';
+    END IF;
+    IF EXISTS (SELECT 1 FROM queue.schedule_defs s WHERE s.queue = q.name) THEN
+        IF NOT coalesce(force, false) THEN
+            RAISE EXCEPTION 'queue "%" has schedules', name
+                USING ERRCODE = 'object_in_use',
+                      HINT = 'Unschedule them first, or use drop_queue(name, force => true) to remove them too.';
+        END IF;
+        DELETE FROM queue.schedule_runs r USING queue.schedule_defs s
+         WHERE r.schedule = s.name AND s.queue = q.name;
+        DELETE FROM queue.schedule_defs s WHERE s.queue = q.name;
+    END IF;
+    LOOP
+        BEGIN
+            PERFORM 1 FROM queue.jobs WHERE jobs.queue = q.name ORDER BY jobs.id FOR UPDATE;
+            WITH d AS (DELETE FROM queue.jobs WHERE jobs.queue = q.name RETURNING *)
+            INSERT INTO queue.history (id, queue, state, payload, enqueued_by, unique_key, depends_on, on_dependency_failure, priority, run_at, attempts,
+                                       max_attempts, timeout, created_at, started_at, finished_at, worker_pid,
+                                       consumer, progress, snoozes, fair_key, errors)
+            SELECT id, queue, 'cancelled', payload, enqueued_by, unique_key, depends_on, on_dependency_failure, priority, run_at, attempts, max_attempts,
+                   timeout, created_at, started_at, clock_timestamp(), worker_pid, consumer, progress, snoozes, fair_key,
+                   errors || jsonb_build_object('attempt', attempts, 'at', clock_timestamp(),
+                                                'message', 'queue dropped')
+              FROM d;
+            EXIT;
+        EXCEPTION WHEN deadlock_detected THEN
+            deadlocks := deadlocks + 1;
+            IF deadlocks >= 10 THEN
+                RAISE;
+            END IF;
+        END;
+    END LOOP;
+    PERFORM 1 FROM queue.queues WHERE queues.name = q.name FOR UPDATE;
+    DELETE FROM queue.queue_grants g WHERE g.queue = q.name;
+    DELETE FROM queue.queues WHERE queues.name = q.name;
+END
+$$;

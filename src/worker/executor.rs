@@ -226,8 +226,9 @@ impl Executor {
                 // Our own bookkeeping failed (not a handler: those are caught per job). The
                 // batch rolled back; hand its jobs to the reaper's rules right away.
                 log!("pg_queue executor: batch failed: {e}; releasing its jobs");
-                shmem::head_pass_done(self.slot); // if it failed in one
-                                                  // Its claims rolled back: those jobs are queued again, in their place.
+                // If it failed in a walk from the head, that walk is over.
+                shmem::head_pass_done(self.slot);
+                // Its claims rolled back: those jobs are queued again, in their place.
                 shmem::request_rewind(i64::MIN);
                 self.release_jobs(&e);
                 if !extension_exists() {
