@@ -159,6 +159,112 @@ def test_reap_never_takes_a_live_executors_job(db, name):
     assert scalar(db, f"SELECT count(*) FROM {name}") == 1
 
 
+def failed_job(db, name):
+    """A job of a NOTIFY queue that failed for good, so that queue.retry() inserts it again."""
+    job = scalar(db, "SELECT queue.enqueue(%s, max_attempts => 1)", (name,))
+    token = db.execute("SELECT lease_token FROM queue.claim(%s, 'c1')", (name,)).fetchone()[0]
+    assert scalar(db, "SELECT queue.fail(%s, %s, 'boom')", (job, token)) is True
+    return job
+
+
+# Every path that inserts jobs: the ids it returns (setup runs first, committed).
+INSERTS = {
+    "enqueue": (None, "SELECT array[queue.enqueue(%(q)s)]"),                      # C fast path
+    "enqueue with options": (None, "SELECT array[queue.enqueue(%(q)s, max_attempts => 3)]"),
+    "enqueue_unique": (None, "SELECT array_agg(id) FROM queue.enqueue_unique(%(q)s, 'k')"),
+    "enqueue_many": (None, "SELECT array_agg(x) FROM queue.enqueue_many(%(q)s, ARRAY['{}'::jsonb, '{}']) x"),
+    "retry": (failed_job, "SELECT CASE WHEN queue.retry(%(job)s) THEN array[%(job)s::uuid] END"),
+}
+
+
+@pytest.mark.parametrize("path", INSERTS)
+def test_a_drop_waits_for_jobs_being_enqueued_and_cancels_them(db, session, name, path):
+    """A job enqueued in a transaction still open when its queue is dropped used to commit
+    after the drop, without a queue: never run, and adopted by the next queue of that name.
+    The drop now waits for that transaction and cancels its jobs with the others."""
+    setup, sql = INSERTS[path]
+    db.execute("SELECT queue.create_queue(%s, notify => true)", (name,))
+    job = setup(db, name) if setup else None
+    a = session()
+    ids = scalar(a, sql, {"q": name, "job": job})            # not committed yet
+    assert ids
+    # A lock no SQL function takes (not an advisory lock): no role can hold it to keep jobs out.
+    assert db.execute("SELECT locktype, mode FROM pg_locks WHERE pid = %s AND classid = x'70677164'::int::oid",
+                      (a.info.backend_pid,)).fetchall() == [("userlock", "ShareLock")]
+    b = session()
+    drop = Blocked(b, "SELECT queue.drop_queue(%s, force => true)::text", (name,))
+    drop.wait_until_blocked(db)
+    a.commit()
+    drop.join()
+    b.commit()
+    assert scalar(db, "SELECT count(*) FROM queue.jobs WHERE queue = %s", (name,)) == 0
+    assert db.execute("SELECT state::text, errors -> -1 ->> 'message' FROM queue.history "
+                      "WHERE id = ANY(%s)", (ids,)).fetchall() == [("cancelled", "queue dropped")] * len(ids)
+
+
+@pytest.mark.parametrize("isolation,sqlstate", [("READ COMMITTED", "42704"), ("REPEATABLE READ", "40001")])
+@pytest.mark.parametrize("path", INSERTS)
+def test_an_enqueue_during_a_drop_waits_for_it_then_fails(db, session, name, path, isolation, sqlstate):
+    """A job enqueued while a drop is in progress waits for the drop: at READ COMMITTED the
+    queue is then gone (42704); a REPEATABLE READ snapshot still holds it, so 40001."""
+    setup, sql = INSERTS[path]
+    db.execute("SELECT queue.create_queue(%s, notify => true)", (name,))
+    job = setup(db, name) if setup else None
+    b = session()
+    b.execute("SELECT queue.drop_queue(%s, force => true)", (name,))
+    a = session()
+    a.execute(f"SET TRANSACTION ISOLATION LEVEL {isolation}")
+    a.execute("SELECT 1")                                    # its snapshot: before the drop commits
+    enqueue = Blocked(a, sql, {"q": name, "job": job})
+    enqueue.wait_until_blocked(db)
+    b.commit()
+    with pytest.raises(psycopg.Error) as e:
+        enqueue.join()
+    assert e.value.sqlstate == sqlstate
+    a.rollback()
+    assert scalar(db, "SELECT count(*) FROM queue.jobs WHERE queue = %s", (name,)) == 0
+
+
+def test_an_enqueue_waits_out_a_drop_that_rolls_back(db, session, name):
+    db.execute("SELECT queue.create_queue(%s, notify => true)", (name,))
+    b = session()
+    b.execute("SELECT queue.drop_queue(%s, force => true)", (name,))
+    a = session()
+    enqueue = Blocked(a, "SELECT queue.enqueue(%s)", (name,))
+    enqueue.wait_until_blocked(db)
+    b.rollback()
+    job = enqueue.join()
+    a.commit()
+    assert scalar(db, "SELECT queue FROM queue.jobs WHERE id = %s", (job,)) == name
+
+
+def test_a_drop_without_force_refuses_a_job_enqueued_meanwhile(db, session, name):
+    db.execute("SELECT queue.create_queue(%s, notify => true)", (name,))
+    a = session()
+    scalar(a, "SELECT queue.enqueue(%s)", (name,))
+    b = session()
+    drop = Blocked(b, "SELECT queue.drop_queue(%s)::text", (name,))
+    drop.wait_until_blocked(db)
+    a.commit()
+    with pytest.raises(psycopg.Error) as e:
+        drop.join()
+    assert e.value.sqlstate == "55006"
+    b.rollback()
+    assert scalar(db, "SELECT count(*) FROM queue.jobs WHERE queue = %s", (name,)) == 1
+
+
+@pytest.mark.parametrize("isolation", ["REPEATABLE READ", "SERIALIZABLE"])
+def test_drop_queue_needs_read_committed(db, session, name, isolation):
+    db.execute("SELECT queue.create_queue(%s, notify => true)", (name,))
+    b = session()
+    b.execute(f"SET TRANSACTION ISOLATION LEVEL {isolation}")
+    with pytest.raises(psycopg.Error) as e:
+        b.execute("SELECT queue.drop_queue(%s, force => true)", (name,))
+    assert e.value.sqlstate == "0A000"
+    b.rollback()
+    assert scalar(db, "SELECT count(*) FROM queue.queues WHERE name = %s", (name,)) == 1
+
+
 def test_forced_drop_of_a_busy_queue_ends_and_cancels_every_job(db, name):
     """drop_queue(force) while the executor records batches of mixed outcomes: retries
     and successes, whose rows the record locks in two passes. The drop must neither fail

@@ -257,6 +257,7 @@ def test_tables_are_closed_to_every_role(roles, stmt):
     "SELECT queue.privileges_of(10)",
     "SELECT queue.wake_executors(1)",
     "SELECT queue.rewind_executors('-infinity')",
+    "SELECT queue.lock_queue('x', true)",
     "SELECT queue.request_cancel(gen_random_uuid(), 1)",
     "SELECT queue.reap()",
     "SELECT queue.create_history_partitions(1)",

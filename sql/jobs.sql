@@ -125,6 +125,7 @@ DECLARE
     job_id uuid := queue.uuid_generate_v7();
     who oid := queue.caller();
 BEGIN
+    PERFORM queue.lock_queue(enqueue_sql.queue, false);    -- no drop meanwhile
     SELECT * INTO q FROM queue.queues x WHERE x.name = enqueue_sql.queue;
     IF NOT FOUND THEN
         q := queue.find_queue(queue);           -- raises the right error
@@ -291,8 +292,10 @@ CREATE FUNCTION queue.enqueue_unique(
 RETURNS TABLE (id uuid, created boolean)
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    q queue.queues := queue.authorize(queue, 'enqueue');
+    q queue.queues;
 BEGIN
+    PERFORM queue.lock_queue(queue, false);                 -- no drop meanwhile
+    q := queue.authorize(queue, 'enqueue');
     IF unique_key IS NULL THEN
         RAISE EXCEPTION 'unique_key must not be NULL' USING ERRCODE = 'null_value_not_allowed',
             HINT = 'Use queue.enqueue for a job without a key.';
@@ -325,10 +328,12 @@ CREATE FUNCTION queue.enqueue_many(
     fair_keys    text[]      DEFAULT NULL)
 RETURNS SETOF uuid LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    q queue.queues := queue.authorize(queue, 'enqueue');
+    q queue.queues;
     n integer;
     who oid;
 BEGIN
+    PERFORM queue.lock_queue(queue, false);                 -- no drop meanwhile
+    q := queue.authorize(queue, 'enqueue');
     IF payloads IS NULL OR array_position(payloads, NULL) IS NOT NULL THEN
         RAISE EXCEPTION 'payloads must not be NULL nor contain NULL' USING ERRCODE = 'null_value_not_allowed';
     END IF;
@@ -541,6 +546,7 @@ BEGIN
     IF h.state = 'succeeded' THEN
         RETURN false;
     END IF;
+    PERFORM queue.lock_queue(h.queue, false);               -- no drop meanwhile
     q := queue.find_queue(h.queue);
     -- A dependent waits again for the dependencies that have not finished; one that failed
     -- or was cancelled must be retried first (unless the job runs anyway).

@@ -548,6 +548,7 @@ DECLARE
     job_id uuid := queue.uuid_generate_v7();
     who oid := queue.caller();
 BEGIN
+    PERFORM queue.lock_queue(enqueue_sql.queue, false);    -- no drop meanwhile
     SELECT * INTO q FROM queue.queues x WHERE x.name = enqueue_sql.queue;
     IF NOT FOUND THEN
         q := queue.find_queue(queue);           -- raises the right error
@@ -736,10 +737,12 @@ CREATE OR REPLACE FUNCTION queue.enqueue_many(
     fair_keys    text[]      DEFAULT NULL)
 RETURNS SETOF uuid LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    q queue.queues := queue.authorize(queue, 'enqueue');
+    q queue.queues;
     n integer;
     who oid;
 BEGIN
+    PERFORM queue.lock_queue(queue, false);                 -- no drop meanwhile
+    q := queue.authorize(queue, 'enqueue');
     IF payloads IS NULL OR array_position(payloads, NULL) IS NOT NULL THEN
         RAISE EXCEPTION 'payloads must not be NULL nor contain NULL' USING ERRCODE = 'null_value_not_allowed';
     END IF;
@@ -851,8 +854,105 @@ BEGIN
 END
 $$;
 
--- 12. drop_queue(force) locks the queue's jobs in id order before the queue's row, and
---     tries again after losing a deadlock to an executor recording a batch (sql/queues.sql).
+-- 12. Queues guarded while jobs are inserted (src/api/mod.rs, lock_queue): every path that
+--     inserts jobs holds its queue shared, drop_queue exclusive, so that a job enqueued
+--     while its queue is dropped is cancelled with the others rather than left without a
+--     queue. drop_queue(force) also locks the queue's jobs in id order before the queue's
+--     row, and tries again after losing a deadlock to an executor recording a batch.
+CREATE FUNCTION queue.lock_queue(queue_name text, "drop" boolean) RETURNS void
+STRICT VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', 'lock_queue_wrapper';
+COMMENT ON FUNCTION queue.lock_queue(text, boolean) IS 'Internal: holds the queue until the end of the transaction, shared to insert jobs into it, exclusive (drop) to drop it.';
+REVOKE ALL ON FUNCTION queue.lock_queue(text, boolean) FROM PUBLIC;
+CREATE OR REPLACE FUNCTION queue.enqueue_unique(
+    queue        text,
+    unique_key   text,
+    payload      jsonb       DEFAULT '{}',
+    run_at       timestamptz DEFAULT NULL,
+    priority     integer     DEFAULT 0,
+    max_attempts integer     DEFAULT NULL,
+    timeout      interval    DEFAULT NULL,
+    unique_for   interval    DEFAULT NULL,
+    depends_on   uuid[]      DEFAULT NULL,
+    on_dependency_failure text DEFAULT NULL,
+    fair_key     text        DEFAULT NULL)
+RETURNS TABLE (id uuid, created boolean)
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    q queue.queues;
+BEGIN
+    PERFORM queue.lock_queue(queue, false);                 -- no drop meanwhile
+    q := queue.authorize(queue, 'enqueue');
+    IF unique_key IS NULL THEN
+        RAISE EXCEPTION 'unique_key must not be NULL' USING ERRCODE = 'null_value_not_allowed',
+            HINT = 'Use queue.enqueue for a job without a key.';
+    END IF;
+    IF payload IS NULL THEN
+        RAISE EXCEPTION 'payload must not be NULL' USING ERRCODE = 'null_value_not_allowed',
+            HINT = 'Use ''{}'' for a job without data.';
+    END IF;
+    PERFORM queue.check_capacity(q, ARRAY[payload]);
+    PERFORM queue.check_job_options(priority, max_attempts, timeout);
+    RETURN QUERY SELECT u.id, u.created
+      FROM queue.insert_job(q, queue.caller(), payload, run_at, priority, max_attempts, timeout,
+                            unique_key, unique_for, depends_on, on_dependency_failure, fair_key) u;
+END
+$$;
+CREATE OR REPLACE FUNCTION queue.retry(id uuid) RETURNS boolean
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    h queue.history;
+    q queue.queues;
+    n integer;
+    waiting integer := 0;
+    broken uuid;
+    broken_state queue.job_state;
+BEGIN
+    IF id IS NULL THEN
+        RAISE EXCEPTION 'id must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    SELECT * INTO h FROM queue.history x
+     WHERE x.id = retry.id AND x.finished_at >= queue.uuid_time(retry.id) - interval '1 day';
+    IF NOT FOUND THEN
+        SELECT j.queue, j.enqueued_by INTO h.queue, h.enqueued_by FROM queue.jobs j WHERE j.id = retry.id;
+        PERFORM queue.authorize_job(id, h.queue, h.enqueued_by, 'retry');   -- 42704 when unknown
+        RETURN false;                           -- still live
+    END IF;
+    PERFORM queue.authorize_job(id, h.queue, h.enqueued_by, 'retry');
+    IF h.state = 'succeeded' THEN
+        RETURN false;
+    END IF;
+    PERFORM queue.lock_queue(h.queue, false);               -- no drop meanwhile
+    q := queue.find_queue(h.queue);
+    -- A dependent waits again for the dependencies that have not finished; one that failed
+    -- or was cancelled must be retried first (unless the job runs anyway).
+    IF h.depends_on IS NOT NULL THEN
+        SELECT w.waiting, w.broken, w.broken_state INTO waiting, broken, broken_state
+          FROM queue.wait_for_dependencies(retry.id, h.depends_on, NULL) w;
+        IF broken IS NOT NULL AND h.on_dependency_failure = 'cancel' THEN
+            RAISE EXCEPTION 'job % depends on job %, which %', retry.id, broken, broken_state
+                USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'Retry that job first.';
+        END IF;
+    END IF;
+    -- A retried job gets its full attempts again; its errors stay, each naming its attempt.
+    WITH d AS (DELETE FROM queue.history x
+                WHERE x.id = retry.id AND x.state IN ('failed', 'cancelled')
+                  AND x.finished_at >= queue.uuid_time(retry.id) - interval '1 day'
+               RETURNING x.*)
+    INSERT INTO queue.jobs (id, queue, state, payload, enqueued_by, unique_key, depends_on,
+                            on_dependency_failure, waiting_for, priority, run_at, attempts,
+                            max_attempts, timeout, created_at, errors, fair_key)
+    SELECT d.id, d.queue, CASE WHEN waiting > 0 THEN 'waiting' ELSE 'queued' END::queue.job_state,
+           d.payload, d.enqueued_by, d.unique_key, d.depends_on, d.on_dependency_failure, waiting,
+           d.priority, now(), 0, d.max_attempts, d.timeout, d.created_at, d.errors,
+           CASE WHEN q.fair_share THEN coalesce(d.fair_key, '') ELSE d.fair_key END
+      FROM d;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF n > 0 AND waiting = 0 THEN
+        PERFORM queue.announce(q, 1, retry.id);
+    END IF;
+    RETURN n > 0;
+END
+$$;
 CREATE OR REPLACE FUNCTION queue.drop_queue(name text, force boolean DEFAULT false)
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -860,42 +960,51 @@ DECLARE
     live bigint;
     deadlocks integer := 0;
 BEGIN
-    SELECT count(*) INTO live FROM queue.jobs WHERE jobs.queue = q.name;
-    IF live > 0 AND NOT coalesce(force, false) THEN
-        RAISE EXCEPTION 'queue "%" has % live jobs', name, live
-            USING ERRCODE = 'object_in_use',
-                  HINT = 'Wait for them to finish, or use drop_queue(name, force => true) to cancel them.';
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'drop_queue needs a READ COMMITTED transaction'
+            USING ERRCODE = 'feature_not_supported',
+                  DETAIL = format('Under %s isolation, jobs enqueued since the transaction began would not be seen.',
+                                  current_setting('transaction_isolation'));
     END IF;
-    IF EXISTS (SELECT 1 FROM queue.schedule_defs s WHERE s.queue = q.name) THEN
-        IF NOT coalesce(force, false) THEN
+    IF NOT coalesce(force, false) THEN
+        PERFORM queue.lock_queue(q.name, true);
+        SELECT count(*) INTO live FROM queue.jobs WHERE jobs.queue = q.name;
+        IF live > 0 THEN
+            RAISE EXCEPTION 'queue "%" has % live jobs', name, live
+                USING ERRCODE = 'object_in_use',
+                      HINT = 'Wait for them to finish, or use drop_queue(name, force => true) to cancel them.';
+        END IF;
+        IF EXISTS (SELECT 1 FROM queue.schedule_defs s WHERE s.queue = q.name) THEN
             RAISE EXCEPTION 'queue "%" has schedules', name
                 USING ERRCODE = 'object_in_use',
                       HINT = 'Unschedule them first, or use drop_queue(name, force => true) to remove them too.';
         END IF;
+    ELSE
         DELETE FROM queue.schedule_runs r USING queue.schedule_defs s
          WHERE r.schedule = s.name AND s.queue = q.name;
         DELETE FROM queue.schedule_defs s WHERE s.queue = q.name;
+        PERFORM queue.lock_queue(q.name, true);
+        LOOP
+            BEGIN
+                PERFORM 1 FROM queue.jobs WHERE jobs.queue = q.name ORDER BY jobs.id FOR UPDATE;
+                WITH d AS (DELETE FROM queue.jobs WHERE jobs.queue = q.name RETURNING *)
+                INSERT INTO queue.history (id, queue, state, payload, enqueued_by, unique_key, depends_on, on_dependency_failure, priority, run_at, attempts,
+                                           max_attempts, timeout, created_at, started_at, finished_at, worker_pid,
+                                           consumer, progress, snoozes, fair_key, errors)
+                SELECT id, queue, 'cancelled', payload, enqueued_by, unique_key, depends_on, on_dependency_failure, priority, run_at, attempts, max_attempts,
+                       timeout, created_at, started_at, clock_timestamp(), worker_pid, consumer, progress, snoozes, fair_key,
+                       errors || jsonb_build_object('attempt', attempts, 'at', clock_timestamp(),
+                                                    'message', 'queue dropped')
+                  FROM d;
+                EXIT;
+            EXCEPTION WHEN deadlock_detected THEN
+                deadlocks := deadlocks + 1;
+                IF deadlocks >= 10 THEN
+                    RAISE;
+                END IF;
+            END;
+        END LOOP;
     END IF;
-    LOOP
-        BEGIN
-            PERFORM 1 FROM queue.jobs WHERE jobs.queue = q.name ORDER BY jobs.id FOR UPDATE;
-            WITH d AS (DELETE FROM queue.jobs WHERE jobs.queue = q.name RETURNING *)
-            INSERT INTO queue.history (id, queue, state, payload, enqueued_by, unique_key, depends_on, on_dependency_failure, priority, run_at, attempts,
-                                       max_attempts, timeout, created_at, started_at, finished_at, worker_pid,
-                                       consumer, progress, snoozes, fair_key, errors)
-            SELECT id, queue, 'cancelled', payload, enqueued_by, unique_key, depends_on, on_dependency_failure, priority, run_at, attempts, max_attempts,
-                   timeout, created_at, started_at, clock_timestamp(), worker_pid, consumer, progress, snoozes, fair_key,
-                   errors || jsonb_build_object('attempt', attempts, 'at', clock_timestamp(),
-                                                'message', 'queue dropped')
-              FROM d;
-            EXIT;
-        EXCEPTION WHEN deadlock_detected THEN
-            deadlocks := deadlocks + 1;
-            IF deadlocks >= 10 THEN
-                RAISE;
-            END IF;
-        END;
-    END LOOP;
     PERFORM 1 FROM queue.queues WHERE queues.name = q.name FOR UPDATE;
     DELETE FROM queue.queue_grants g WHERE g.queue = q.name;
     DELETE FROM queue.queues WHERE queues.name = q.name;

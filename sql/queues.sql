@@ -293,12 +293,19 @@ COMMENT ON FUNCTION queue.alter_queue(text, regprocedure, integer, integer, inte
     'Changes a queue''s settings; NULL arguments leave a setting unchanged. Jobs already enqueued keep their own max_attempts. handler and search_path: owner only; the rest: owner or manage.';
 
 -- drop_queue: refuses while the queue has live jobs, unless force, which cancels them
--- into history first (so nothing disappears without a trace). The jobs' rows are locked in
--- id order before the queue's row, as an executor recording a batch takes them (its record
--- locks its jobs by primary key, then a throttled queue's row): a drop that took them in
--- scan order deadlocked with the executors of a busy queue. A batch with both retries and
--- finished jobs locks each kind in id order in turn, so a deadlock is still possible: the
--- drop that loses it lets the executor go on, and tries again.
+-- into history first (so nothing disappears without a trace).
+-- - Transactions that insert jobs hold the queue shared (queue.lock_queue): the drop waits
+--   for those in progress, so their jobs are seen and cancelled, and later ones wait for the
+--   drop and then find the queue gone. Only at READ COMMITTED does each statement see what
+--   committed before it, so the drop refuses other isolation levels.
+-- - A forced drop removes schedules before it waits: the scheduler holds a schedule's row
+--   while it enqueues that schedule's job.
+-- - The jobs' rows are locked in id order before the queue's row, as an executor recording
+--   a batch takes them (its record locks its jobs by primary key, then a throttled queue's
+--   row): a drop that took them in scan order deadlocked with the executors of a busy
+--   queue. A batch with both retries and finished jobs locks each kind in id order in turn,
+--   so a deadlock is still possible: the drop that loses it lets the executor go on, and
+--   tries again.
 CREATE FUNCTION queue.drop_queue(name text, force boolean DEFAULT false)
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -306,42 +313,51 @@ DECLARE
     live bigint;
     deadlocks integer := 0;
 BEGIN
-    SELECT count(*) INTO live FROM queue.jobs WHERE jobs.queue = q.name;
-    IF live > 0 AND NOT coalesce(force, false) THEN
-        RAISE EXCEPTION 'queue "%" has % live jobs', name, live
-            USING ERRCODE = 'object_in_use',
-                  HINT = 'Wait for them to finish, or use drop_queue(name, force => true) to cancel them.';
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'drop_queue needs a READ COMMITTED transaction'
+            USING ERRCODE = 'feature_not_supported',
+                  DETAIL = format('Under %s isolation, jobs enqueued since the transaction began would not be seen.',
+                                  current_setting('transaction_isolation'));
     END IF;
-    IF EXISTS (SELECT 1 FROM queue.schedule_defs s WHERE s.queue = q.name) THEN
-        IF NOT coalesce(force, false) THEN
+    IF NOT coalesce(force, false) THEN
+        PERFORM queue.lock_queue(q.name, true);
+        SELECT count(*) INTO live FROM queue.jobs WHERE jobs.queue = q.name;
+        IF live > 0 THEN
+            RAISE EXCEPTION 'queue "%" has % live jobs', name, live
+                USING ERRCODE = 'object_in_use',
+                      HINT = 'Wait for them to finish, or use drop_queue(name, force => true) to cancel them.';
+        END IF;
+        IF EXISTS (SELECT 1 FROM queue.schedule_defs s WHERE s.queue = q.name) THEN
             RAISE EXCEPTION 'queue "%" has schedules', name
                 USING ERRCODE = 'object_in_use',
                       HINT = 'Unschedule them first, or use drop_queue(name, force => true) to remove them too.';
         END IF;
+    ELSE
         DELETE FROM queue.schedule_runs r USING queue.schedule_defs s
          WHERE r.schedule = s.name AND s.queue = q.name;
         DELETE FROM queue.schedule_defs s WHERE s.queue = q.name;
+        PERFORM queue.lock_queue(q.name, true);
+        LOOP
+            BEGIN
+                PERFORM 1 FROM queue.jobs WHERE jobs.queue = q.name ORDER BY jobs.id FOR UPDATE;
+                WITH d AS (DELETE FROM queue.jobs WHERE jobs.queue = q.name RETURNING *)
+                INSERT INTO queue.history (id, queue, state, payload, enqueued_by, unique_key, depends_on, on_dependency_failure, priority, run_at, attempts,
+                                           max_attempts, timeout, created_at, started_at, finished_at, worker_pid,
+                                           consumer, progress, snoozes, fair_key, errors)
+                SELECT id, queue, 'cancelled', payload, enqueued_by, unique_key, depends_on, on_dependency_failure, priority, run_at, attempts, max_attempts,
+                       timeout, created_at, started_at, clock_timestamp(), worker_pid, consumer, progress, snoozes, fair_key,
+                       errors || jsonb_build_object('attempt', attempts, 'at', clock_timestamp(),
+                                                    'message', 'queue dropped')
+                  FROM d;
+                EXIT;
+            EXCEPTION WHEN deadlock_detected THEN
+                deadlocks := deadlocks + 1;
+                IF deadlocks >= 10 THEN
+                    RAISE;
+                END IF;
+            END;
+        END LOOP;
     END IF;
-    LOOP
-        BEGIN
-            PERFORM 1 FROM queue.jobs WHERE jobs.queue = q.name ORDER BY jobs.id FOR UPDATE;
-            WITH d AS (DELETE FROM queue.jobs WHERE jobs.queue = q.name RETURNING *)
-            INSERT INTO queue.history (id, queue, state, payload, enqueued_by, unique_key, depends_on, on_dependency_failure, priority, run_at, attempts,
-                                       max_attempts, timeout, created_at, started_at, finished_at, worker_pid,
-                                       consumer, progress, snoozes, fair_key, errors)
-            SELECT id, queue, 'cancelled', payload, enqueued_by, unique_key, depends_on, on_dependency_failure, priority, run_at, attempts, max_attempts,
-                   timeout, created_at, started_at, clock_timestamp(), worker_pid, consumer, progress, snoozes, fair_key,
-                   errors || jsonb_build_object('attempt', attempts, 'at', clock_timestamp(),
-                                                'message', 'queue dropped')
-              FROM d;
-            EXIT;
-        EXCEPTION WHEN deadlock_detected THEN
-            deadlocks := deadlocks + 1;
-            IF deadlocks >= 10 THEN
-                RAISE;
-            END IF;
-        END;
-    END LOOP;
     PERFORM 1 FROM queue.queues WHERE queues.name = q.name FOR UPDATE;
     DELETE FROM queue.queue_grants g WHERE g.queue = q.name;
     DELETE FROM queue.queues WHERE queues.name = q.name;
