@@ -132,6 +132,23 @@ def test_session_advisory_lock_is_released_after_the_job(roles, name):
         su.execute("SELECT pg_advisory_unlock(4242)")
 
 
+def test_no_role_can_hold_a_queues_lock(roles, name):
+    """Claims of a limited queue take turns on a lock. It was an advisory lock, which any
+    role may take (pg_advisory_lock is PUBLIC's): mallory, with no privilege on the queue,
+    could hold it and stall the queue's claims, and each executor that tried with it.
+    Queue locks are now userlocks, which no SQL function takes."""
+    with connect(roles, "alice") as a, connect(roles, "mallory") as m, roles.connect() as su:
+        handler_queue(a, "alice", name, f"INSERT INTO alice.{name} (n) VALUES (1);", concurrency=5)
+        a.execute("SELECT queue.create_queue(%s, notify => true, concurrency => 5)", (name + "_n",))
+        for q in (name, name + "_n"):
+            m.execute("SELECT pg_advisory_lock(1885827445, hashtext(%s))", (q,))   # the old claim lock
+        assert run_one(a, su, name)[0] == "succeeded"                              # an executor's claim
+        a.execute("SELECT queue.enqueue(%s)", (name + "_n",))
+        a.execute("SET lock_timeout = '5s'")
+        assert len(a.execute("SELECT * FROM queue.claim(%s, 'c1')", (name + "_n",)).fetchall()) == 1
+        assert len(a.execute("SELECT * FROM queue.claim(ARRAY[%s], 'c1')", (name + "_n",)).fetchall()) == 0
+
+
 def test_lastval_does_not_reach_the_next_owner(roles, name):
     """lastval() is session state. Core checks bob's privilege on the sequence, but its
     error would still name alice's sequence: bob's handler must find no lastval at all."""
@@ -257,7 +274,7 @@ def test_tables_are_closed_to_every_role(roles, stmt):
     "SELECT queue.privileges_of(10)",
     "SELECT queue.wake_executors(1)",
     "SELECT queue.rewind_executors('-infinity')",
-    "SELECT queue.lock_queue('x', true)",
+    "SELECT queue.lock_queue('x', 'drop')",
     "SELECT queue.request_cancel(gen_random_uuid(), 1)",
     "SELECT queue.reap()",
     "SELECT queue.create_history_partitions(1)",

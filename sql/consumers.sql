@@ -136,7 +136,7 @@ BEGIN
     END IF;
     -- Claims of a queue are serialised (as the executors' are) so that the running count
     -- the concurrency limit is checked against is exact.
-    PERFORM pg_advisory_xact_lock(1885827445, hashtext(q.name));
+    PERFORM queue.lock_queue(q.name, 'claim');
     -- A rate limit's starts are reserved after started_at (t0) and settled below.
     t0 := clock_timestamp();
     IF q.rate_limit IS NOT NULL THEN
@@ -237,7 +237,7 @@ BEGIN
     PERFORM queue.check_claim(consumer, n, lease);
     PERFORM queue.seen(consumer);
     FOREACH name IN ARRAY open_queues LOOP
-        PERFORM pg_advisory_xact_lock(1885827445, hashtext(name));
+        PERFORM queue.lock_queue(name, 'claim');
     END LOOP;
     t0 := clock_timestamp();
     FOR q IN SELECT * FROM queue.queues x WHERE x.name = ANY (open_queues) AND x.rate_limit IS NOT NULL LOOP

@@ -125,7 +125,7 @@ DECLARE
     job_id uuid := queue.uuid_generate_v7();
     who oid := queue.caller();
 BEGIN
-    PERFORM queue.lock_queue(enqueue_sql.queue, false);    -- no drop meanwhile
+    PERFORM queue.lock_queue(enqueue_sql.queue, 'insert');    -- no drop meanwhile
     SELECT * INTO q FROM queue.queues x WHERE x.name = enqueue_sql.queue;
     IF NOT FOUND THEN
         q := queue.find_queue(queue);           -- raises the right error
@@ -294,7 +294,7 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     q queue.queues;
 BEGIN
-    PERFORM queue.lock_queue(queue, false);                 -- no drop meanwhile
+    PERFORM queue.lock_queue(queue, 'insert');                 -- no drop meanwhile
     q := queue.authorize(queue, 'enqueue');
     IF unique_key IS NULL THEN
         RAISE EXCEPTION 'unique_key must not be NULL' USING ERRCODE = 'null_value_not_allowed',
@@ -332,7 +332,7 @@ DECLARE
     n integer;
     who oid;
 BEGIN
-    PERFORM queue.lock_queue(queue, false);                 -- no drop meanwhile
+    PERFORM queue.lock_queue(queue, 'insert');                 -- no drop meanwhile
     q := queue.authorize(queue, 'enqueue');
     IF payloads IS NULL OR array_position(payloads, NULL) IS NOT NULL THEN
         RAISE EXCEPTION 'payloads must not be NULL nor contain NULL' USING ERRCODE = 'null_value_not_allowed';
@@ -546,7 +546,7 @@ BEGIN
     IF h.state = 'succeeded' THEN
         RETURN false;
     END IF;
-    PERFORM queue.lock_queue(h.queue, false);               -- no drop meanwhile
+    PERFORM queue.lock_queue(h.queue, 'insert');               -- no drop meanwhile
     q := queue.find_queue(h.queue);
     -- A dependent waits again for the dependencies that have not finished; one that failed
     -- or was cancelled must be retried first (unless the job runs anyway).

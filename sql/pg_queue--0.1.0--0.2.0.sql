@@ -548,7 +548,7 @@ DECLARE
     job_id uuid := queue.uuid_generate_v7();
     who oid := queue.caller();
 BEGIN
-    PERFORM queue.lock_queue(enqueue_sql.queue, false);    -- no drop meanwhile
+    PERFORM queue.lock_queue(enqueue_sql.queue, 'insert');    -- no drop meanwhile
     SELECT * INTO q FROM queue.queues x WHERE x.name = enqueue_sql.queue;
     IF NOT FOUND THEN
         q := queue.find_queue(queue);           -- raises the right error
@@ -741,7 +741,7 @@ DECLARE
     n integer;
     who oid;
 BEGIN
-    PERFORM queue.lock_queue(queue, false);                 -- no drop meanwhile
+    PERFORM queue.lock_queue(queue, 'insert');                 -- no drop meanwhile
     q := queue.authorize(queue, 'enqueue');
     IF payloads IS NULL OR array_position(payloads, NULL) IS NOT NULL THEN
         RAISE EXCEPTION 'payloads must not be NULL nor contain NULL' USING ERRCODE = 'null_value_not_allowed';
@@ -854,15 +854,208 @@ BEGIN
 END
 $$;
 
--- 12. Queues guarded while jobs are inserted (src/api/mod.rs, lock_queue): every path that
---     inserts jobs holds its queue shared, drop_queue exclusive, so that a job enqueued
---     while its queue is dropped is cancelled with the others rather than left without a
---     queue. drop_queue(force) also locks the queue's jobs in id order before the queue's
---     row, and tries again after losing a deadlock to an executor recording a batch.
-CREATE FUNCTION queue.lock_queue(queue_name text, "drop" boolean) RETURNS void
+-- 12. Queue locks (src/locks.rs): userlocks, which no SQL function takes, so that no role
+--     can hold one. Every path that inserts jobs holds its queue shared and drop_queue
+--     exclusive, so that a job enqueued while its queue is dropped is cancelled with the
+--     others rather than left without a queue; claims of a limited queue take turns on
+--     one, where they took an advisory lock that any role could hold. drop_queue(force)
+--     also locks the queue's jobs in id order before the queue's row, and tries again
+--     after losing a deadlock to an executor recording a batch.
+CREATE FUNCTION queue.lock_queue(queue_name text, purpose text) RETURNS void
 STRICT VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', 'lock_queue_wrapper';
-COMMENT ON FUNCTION queue.lock_queue(text, boolean) IS 'Internal: holds the queue until the end of the transaction, shared to insert jobs into it, exclusive (drop) to drop it.';
-REVOKE ALL ON FUNCTION queue.lock_queue(text, boolean) FROM PUBLIC;
+COMMENT ON FUNCTION queue.lock_queue(text, text) IS 'Internal: holds the queue until the end of the transaction: shared to insert jobs into it (insert), exclusive to drop it (drop), or to claim its jobs in turn (claim).';
+REVOKE ALL ON FUNCTION queue.lock_queue(text, text) FROM PUBLIC;
+CREATE OR REPLACE FUNCTION queue.claim(
+    queue    text,
+    consumer text,
+    n        integer  DEFAULT 1,
+    lease    interval DEFAULT '30 seconds')
+RETURNS TABLE (id uuid, payload jsonb, attempt integer, lease_token uuid, lease_expires_at timestamptz,
+               depends_on uuid[])
+-- enable_seqscan off: the claimed rows are fetched by primary key, and after a burst (or
+-- under a long transaction elsewhere) the planner would rather scan every page of
+-- queue.jobs (docs/design.md "Under a held snapshot"; src/worker/mod.rs plan_by_index).
+-- enable_bitmapscan off: nor a bitmap scan and a sort of the queue's claim order, which
+-- cannot stop at the LIMIT (chosen by some statistics while a long transaction runs).
+-- jit off: a scan that is the only way (a rate limit's first count) then costs over
+-- jit_above_cost, and compiling took 0.4 s.
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET enable_bitmapscan = off
+    SET jit = off AS $$
+DECLARE
+    q queue.queues := queue.claimable(claim.queue);
+    t0 timestamptz;
+    budget integer := n;
+    claimed integer;
+    got record;
+    keys text[] := '{}';
+BEGIN
+    PERFORM queue.check_claim(consumer, n, lease);
+    PERFORM queue.seen(consumer);
+    IF q.paused OR q.throttled_until > clock_timestamp() THEN   -- cooling down: README "Flow control"
+        RETURN;
+    END IF;
+    -- Claims of a queue are serialised (as the executors' are) so that the running count
+    -- the concurrency limit is checked against is exact.
+    PERFORM queue.lock_queue(q.name, 'claim');
+    -- A rate limit's starts are reserved after started_at (t0) and settled below.
+    t0 := clock_timestamp();
+    IF q.rate_limit IS NOT NULL THEN
+        budget := queue.rate_take(q.name, q.rate_limit, q.rate_window, n);
+    END IF;
+    -- The same claim as claim(queues[]) below, for one queue, kept separate because it is
+    -- every consumer's hot path: delegating to the general one doubled a claim's cost.
+    IF q.fair_share THEN                -- rotate across keys (sql/fair.sql)
+        FOR got IN
+        UPDATE queue.jobs j
+           SET state = 'running', attempts = j.attempts + 1, started_at = t0,
+               worker_pid = pg_backend_pid(), consumer = claim.consumer, lease = claim.lease,
+               lease_expires_at = clock_timestamp() + claim.lease, lease_token = gen_random_uuid()
+         WHERE j.id = ANY(ARRAY(SELECT queue.fair_pick(
+                   q.name, least(budget, q.concurrency - (SELECT count(*) FROM queue.jobs r
+                                                          WHERE r.queue = q.name AND r.state = 'running')),
+                   q.key_concurrency, queue.fair_cursor(q.name), t0)))
+        RETURNING j.id AS job_id, j.payload AS job_payload, j.attempts, j.lease_token AS token,
+                  j.lease_expires_at AS expires, j.depends_on AS deps, j.fair_key
+        LOOP
+            id := got.job_id; payload := got.job_payload; attempt := got.attempts;
+            lease_token := got.token; lease_expires_at := got.expires; depends_on := got.deps;
+            keys := keys || got.fair_key;
+            RETURN NEXT;
+        END LOOP;
+        PERFORM queue.fair_advance(q.name, keys);
+        IF q.rate_limit IS NOT NULL THEN
+            PERFORM queue.rate_settle(q.name, cardinality(keys));
+        END IF;
+        RETURN;
+    END IF;
+    RETURN QUERY
+    WITH c AS (
+        SELECT j.id FROM queue.jobs j
+         WHERE j.queue = q.name AND j.state = 'queued' AND j.run_at <= t0
+         ORDER BY j.priority, j.run_at, j.id
+         LIMIT greatest(0, least(budget, q.concurrency - (SELECT count(*) FROM queue.jobs r
+                                                           WHERE r.queue = q.name AND r.state = 'running')))
+         FOR UPDATE SKIP LOCKED
+    )
+    UPDATE queue.jobs j
+       SET state = 'running', attempts = j.attempts + 1, started_at = t0,
+           worker_pid = pg_backend_pid(), consumer = claim.consumer, lease = claim.lease,
+           lease_expires_at = clock_timestamp() + claim.lease, lease_token = gen_random_uuid()
+     WHERE j.id = ANY(ARRAY(SELECT c.id FROM c))     -- by primary key, whatever the LIMIT
+    RETURNING j.id, j.payload, j.attempts, j.lease_token, j.lease_expires_at, j.depends_on;
+    IF q.rate_limit IS NOT NULL THEN
+        GET DIAGNOSTICS claimed = ROW_COUNT;
+        PERFORM queue.rate_settle(q.name, claimed);
+    END IF;
+END
+$$;
+CREATE OR REPLACE FUNCTION queue.claim(
+    queues   text[],
+    consumer text,
+    n        integer  DEFAULT 1,
+    lease    interval DEFAULT '30 seconds')
+RETURNS TABLE (id uuid, queue text, payload jsonb, attempt integer, lease_token uuid,
+               lease_expires_at timestamptz, depends_on uuid[])
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET enable_bitmapscan = off
+    SET jit = off AS $$
+DECLARE
+    open_queues text[] := '{}';
+    name text;
+    q queue.queues;
+    t0 timestamptz;
+    -- rate-limited queues among them: what was reserved for each, and what was used
+    rated text[] := '{}';
+    grants integer[] := '{}';
+    used integer[] := '{}';
+    -- fair_share queues among them: the jobs fair_pick chose, and the keys claimed
+    fair_ids uuid[] := '{}';
+    claimed_queues text[] := '{}';
+    claimed_keys text[] := '{}';
+    got record;
+    i integer;
+BEGIN
+    IF queues IS NULL OR array_position(queues, NULL) IS NOT NULL THEN
+        RAISE EXCEPTION 'queues must not be NULL nor contain NULL' USING ERRCODE = 'null_value_not_allowed';
+    ELSIF cardinality(queues) NOT BETWEEN 1 AND 100 THEN
+        RAISE EXCEPTION 'queues must name 1 to 100 queues, not %', cardinality(queues)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOR name IN SELECT DISTINCT x FROM unnest(queues) x ORDER BY 1 LOOP
+        q := queue.claimable(name);
+        IF NOT (q.paused OR coalesce(q.throttled_until > clock_timestamp(), false)) THEN
+            open_queues := open_queues || q.name;
+        END IF;
+    END LOOP;
+    PERFORM queue.check_claim(consumer, n, lease);
+    PERFORM queue.seen(consumer);
+    FOREACH name IN ARRAY open_queues LOOP
+        PERFORM queue.lock_queue(name, 'claim');
+    END LOOP;
+    t0 := clock_timestamp();
+    FOR q IN SELECT * FROM queue.queues x WHERE x.name = ANY (open_queues) AND x.rate_limit IS NOT NULL LOOP
+        rated := rated || q.name;
+        grants := grants || queue.rate_take(q.name, q.rate_limit, q.rate_window, n);
+        used := used || 0;
+    END LOOP;
+    -- A fair_share queue's candidates come from its rotation across keys (sql/fair.sql).
+    FOR q IN SELECT * FROM queue.queues x WHERE x.name = ANY (open_queues) AND x.fair_share LOOP
+        fair_ids := fair_ids || ARRAY(SELECT queue.fair_pick(
+            q.name, least(n, q.concurrency - (SELECT count(*) FROM queue.jobs r
+                                               WHERE r.queue = q.name AND r.state = 'running'),
+                          coalesce(grants[array_position(rated, q.name)], n)),
+            q.key_concurrency, queue.fair_cursor(q.name), t0));
+    END LOOP;
+    FOR got IN
+    WITH b AS (
+        SELECT x.name, least(x.concurrency - (SELECT count(*) FROM queue.jobs r
+                                               WHERE r.queue = x.name AND r.state = 'running'),
+                             coalesce(grants[array_position(rated, x.name)], n)) AS budget
+          FROM queue.queues x WHERE x.name = ANY (open_queues) AND NOT x.fair_share
+    ), c AS (
+        SELECT y.id FROM (
+            SELECT k.id, k.priority, k.run_at FROM b
+             CROSS JOIN LATERAL (
+                SELECT j.id, j.priority, j.run_at FROM queue.jobs j
+                 WHERE j.queue = b.name AND j.state = 'queued' AND j.run_at <= t0
+                 ORDER BY j.priority, j.run_at, j.id
+                 LIMIT greatest(0, least(n, b.budget))
+                   FOR UPDATE SKIP LOCKED) k
+            UNION ALL
+            SELECT j.id, j.priority, j.run_at FROM queue.jobs j WHERE j.id = ANY (fair_ids)
+        ) y
+         ORDER BY y.priority, y.run_at, y.id
+         LIMIT n
+    )
+    UPDATE queue.jobs j
+       SET state = 'running', attempts = j.attempts + 1, started_at = t0,
+           worker_pid = pg_backend_pid(), consumer = claim.consumer, lease = claim.lease,
+           lease_expires_at = clock_timestamp() + claim.lease, lease_token = gen_random_uuid()
+     WHERE j.id = ANY(ARRAY(SELECT c.id FROM c))
+    RETURNING j.id AS job_id, j.queue AS job_queue, j.payload AS job_payload, j.attempts,
+              j.lease_token AS token, j.lease_expires_at AS expires, j.depends_on AS deps,
+              j.fair_key AS job_key
+    LOOP
+        id := got.job_id; queue := got.job_queue; payload := got.job_payload; attempt := got.attempts;
+        lease_token := got.token; lease_expires_at := got.expires; depends_on := got.deps;
+        RETURN NEXT;
+        i := array_position(rated, got.job_queue);
+        IF i IS NOT NULL THEN
+            used[i] := used[i] + 1;
+        END IF;
+        IF got.job_key IS NOT NULL THEN
+            claimed_queues := claimed_queues || got.job_queue;
+            claimed_keys := claimed_keys || got.job_key;
+        END IF;
+    END LOOP;
+    FOR q IN SELECT * FROM queue.queues x WHERE x.name = ANY (open_queues) AND x.fair_share LOOP
+        PERFORM queue.fair_advance(q.name, ARRAY(SELECT u.k FROM unnest(claimed_queues, claimed_keys) u(qn, k)
+                                                  WHERE u.qn = q.name));
+    END LOOP;
+    FOR i IN 1 .. cardinality(rated) LOOP
+        PERFORM queue.rate_settle(rated[i], used[i]);
+    END LOOP;
+END
+$$;
 CREATE OR REPLACE FUNCTION queue.enqueue_unique(
     queue        text,
     unique_key   text,
@@ -880,7 +1073,7 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     q queue.queues;
 BEGIN
-    PERFORM queue.lock_queue(queue, false);                 -- no drop meanwhile
+    PERFORM queue.lock_queue(queue, 'insert');                 -- no drop meanwhile
     q := queue.authorize(queue, 'enqueue');
     IF unique_key IS NULL THEN
         RAISE EXCEPTION 'unique_key must not be NULL' USING ERRCODE = 'null_value_not_allowed',
@@ -921,7 +1114,7 @@ BEGIN
     IF h.state = 'succeeded' THEN
         RETURN false;
     END IF;
-    PERFORM queue.lock_queue(h.queue, false);               -- no drop meanwhile
+    PERFORM queue.lock_queue(h.queue, 'insert');               -- no drop meanwhile
     q := queue.find_queue(h.queue);
     -- A dependent waits again for the dependencies that have not finished; one that failed
     -- or was cancelled must be retried first (unless the job runs anyway).
@@ -967,7 +1160,7 @@ BEGIN
                                   current_setting('transaction_isolation'));
     END IF;
     IF NOT coalesce(force, false) THEN
-        PERFORM queue.lock_queue(q.name, true);
+        PERFORM queue.lock_queue(q.name, 'drop');
         SELECT count(*) INTO live FROM queue.jobs WHERE jobs.queue = q.name;
         IF live > 0 THEN
             RAISE EXCEPTION 'queue "%" has % live jobs', name, live
@@ -983,7 +1176,7 @@ BEGIN
         DELETE FROM queue.schedule_runs r USING queue.schedule_defs s
          WHERE r.schedule = s.name AND s.queue = q.name;
         DELETE FROM queue.schedule_defs s WHERE s.queue = q.name;
-        PERFORM queue.lock_queue(q.name, true);
+        PERFORM queue.lock_queue(q.name, 'drop');
         LOOP
             BEGIN
                 PERFORM 1 FROM queue.jobs WHERE jobs.queue = q.name ORDER BY jobs.id FOR UPDATE;

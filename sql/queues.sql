@@ -294,7 +294,7 @@ COMMENT ON FUNCTION queue.alter_queue(text, regprocedure, integer, integer, inte
 
 -- drop_queue: refuses while the queue has live jobs, unless force, which cancels them
 -- into history first (so nothing disappears without a trace).
--- - Transactions that insert jobs hold the queue shared (queue.lock_queue): the drop waits
+-- - Transactions that insert jobs hold the queue shared (src/locks.rs): the drop waits
 --   for those in progress, so their jobs are seen and cancelled, and later ones wait for the
 --   drop and then find the queue gone. Only at READ COMMITTED does each statement see what
 --   committed before it, so the drop refuses other isolation levels.
@@ -320,7 +320,7 @@ BEGIN
                                   current_setting('transaction_isolation'));
     END IF;
     IF NOT coalesce(force, false) THEN
-        PERFORM queue.lock_queue(q.name, true);
+        PERFORM queue.lock_queue(q.name, 'drop');
         SELECT count(*) INTO live FROM queue.jobs WHERE jobs.queue = q.name;
         IF live > 0 THEN
             RAISE EXCEPTION 'queue "%" has % live jobs', name, live
@@ -336,7 +336,7 @@ BEGIN
         DELETE FROM queue.schedule_runs r USING queue.schedule_defs s
          WHERE r.schedule = s.name AND s.queue = q.name;
         DELETE FROM queue.schedule_defs s WHERE s.queue = q.name;
-        PERFORM queue.lock_queue(q.name, true);
+        PERFORM queue.lock_queue(q.name, 'drop');
         LOOP
             BEGIN
                 PERFORM 1 FROM queue.jobs WHERE jobs.queue = q.name ORDER BY jobs.id FOR UPDATE;

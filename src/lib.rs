@@ -31,6 +31,7 @@ mod cron;
 mod fair;
 mod flow;
 mod gucs;
+mod locks;
 mod rate;
 mod security;
 mod shmem;
@@ -48,7 +49,7 @@ extension_sql_file!(
 extension_sql_file!(
     "../sql/queues.sql",
     name = "queues",
-    requires = ["privileges", api::wake_executors]
+    requires = ["privileges", api::wake_executors, locks::lock_queue]
 );
 extension_sql_file!(
     "../sql/jobs.sql",

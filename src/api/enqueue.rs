@@ -105,8 +105,8 @@ fn fast_path(args: &[DatumWithOid<'_>]) -> Option<pgrx::Uuid> {
     let raw = |i: usize| args[i].datum().map(|d| d.sans_lifetime());
     // SAFETY: the queue argument is a non-NULL text datum (the caller checked).
     let queue_name = raw(QUEUE).and_then(|d| unsafe { <&str>::from_datum(d, false) })?;
-    // Before the lookup: a drop in progress is waited for, then seen (super::lock_queue).
-    super::hold_queue(queue_name, false);
+    // Before the lookup: a drop in progress is waited for, then seen (src/locks.rs).
+    crate::locks::lock(queue_name, crate::locks::Purpose::Insert);
     Spi::connect_mut(|client| {
         let lookup = plan(
             client,

@@ -13,70 +13,6 @@ fn uuid_generate_v7() -> pgrx::Uuid {
     pgrx::Uuid::from_bytes(*uuid::Uuid::now_v7().as_bytes())
 }
 
-/// Key space of the locks that guard a queue's existence while jobs are inserted into it
-/// (pg_locks: locktype userlock, classid 'pgqd', objid a hash of the queue's name). A
-/// userlock, not an advisory lock: no SQL function takes one, so no role can hold a
-/// queue's lock to keep its jobs out.
-const QUEUE_LOCK_SPACE: u32 = 0x7067_7164;
-
-/// Holds a queue until the end of the transaction: shared by every transaction that
-/// inserts jobs into it (enqueue, enqueue_unique, enqueue_many, retry), exclusive by
-/// drop_queue. Without it a job enqueued in a transaction still open while the queue was
-/// dropped committed after the drop, with no queue: never run, and adopted by the next queue
-/// created with that name (whoever owns it). The drop now waits for such transactions and
-/// cancels their jobs; one that comes after waits for the drop, and then (at READ COMMITTED)
-/// no longer finds the queue. A REPEATABLE READ or SERIALIZABLE transaction would still see
-/// it in its snapshot, so one that had to wait fails with 40001, to be retried. The lock is
-/// a lock-manager entry, not a row lock: it writes nothing.
-#[pg_extern(volatile, strict)]
-fn lock_queue(queue_name: &str, drop: bool) {
-    hold_queue(queue_name, drop);
-}
-
-/// `queue.lock_queue`, for enqueue's C fast path.
-pub fn hold_queue(queue_name: &str, drop: bool) {
-    // FNV-1a: a stable hash of the name, the same in every backend.
-    let key = queue_name.bytes().fold(0x811c_9dc5_u32, |h, b| {
-        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
-    });
-    // SAFETY: a transaction-scoped lock on a tag of our own, in this database;
-    // LockAcquire raises its own errors (out of shared memory, deadlock).
-    let waited = unsafe {
-        let tag = pg_sys::LOCKTAG {
-            locktag_field1: pg_sys::MyDatabaseId.to_u32(),
-            locktag_field2: QUEUE_LOCK_SPACE,
-            locktag_field3: key,
-            locktag_field4: 2,
-            locktag_type: pg_sys::LockTagType::LOCKTAG_USERLOCK as u8,
-            locktag_lockmethodid: pg_sys::USER_LOCKMETHOD as u8,
-        };
-        let mode = if drop {
-            pg_sys::ExclusiveLock
-        } else {
-            pg_sys::ShareLock
-        } as pg_sys::LOCKMODE;
-        let got = pg_sys::LockAcquire(&tag, mode, false, true);
-        if got == pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL {
-            pg_sys::LockAcquire(&tag, mode, false, false);
-            true
-        } else {
-            false
-        }
-    };
-    // SAFETY: reads the current transaction's isolation level.
-    if waited && unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 {
-        ereport!(
-            PgLogLevel::ERROR,
-            PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,
-            format!(
-                "could not serialize access due to a concurrent change of queue \"{queue_name}\""
-            ),
-            "Another transaction dropped the queue, or tried to, while this one waited; this \
-             transaction's snapshot cannot tell which. Retry the transaction."
-        );
-    }
-}
-
 thread_local! {
     /// Jobs made ready by the current transaction, for which executors are woken at commit.
     static PENDING_WAKEUPS: Cell<usize> = const { Cell::new(0) };
@@ -274,7 +210,6 @@ extension_sql!(
 COMMENT ON FUNCTION queue.uuid_generate_v7() IS 'A new time-ordered UUIDv7 (the kind of id every job has).';
 COMMENT ON FUNCTION queue.wake_executors(integer) IS 'Internal: wakes idle executors for that many ready jobs when the current transaction commits.';
 COMMENT ON FUNCTION queue.request_cancel(uuid, integer) IS 'Internal: asks an executor to interrupt the job it runs (used by queue.cancel).';
-COMMENT ON FUNCTION queue.lock_queue(text, boolean) IS 'Internal: holds the queue until the end of the transaction, shared to insert jobs into it, exclusive (drop) to drop it.';
 COMMENT ON FUNCTION queue.rewind_executors(timestamptz) IS 'Internal: jobs of that run_at became ready in this transaction; at commit, executors whose claims resume after it look back to it.';
 COMMENT ON FUNCTION queue.current_job() IS 'Inside a SQL handler: the running job (id, queue, attempt, max_attempts, payload, depends_on). No row elsewhere.';
 COMMENT ON FUNCTION queue.job_transitions() IS 'The legal moves between job states (the state machine every statement follows).';
@@ -289,7 +224,6 @@ COMMENT ON FUNCTION queue.reap() IS 'Runs one reaper pass now: running jobs of d
         uuid_generate_v7,
         wake_executors,
         rewind_executors,
-        lock_queue,
         current_job,
         set_progress,
         check_progress,

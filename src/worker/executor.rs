@@ -706,7 +706,7 @@ SELECT q.name, q.concurrency, q.owner::oid,
 
 /// Claims up to $2 ready jobs of one queue: `limit`, or less to stay within its concurrency
 /// limit (counted by COUNT_RUNNING_SQL; $3 and $5 serve CLAIM_FAIR_SQL). Claims of a queue
-/// with a limit are serialised by a transaction-scoped advisory lock (released at our
+/// with a limit are serialised by a transaction-scoped queue lock (src/locks.rs; released at our
 /// commit), so that two executors counting its running jobs cannot both take the last place.
 /// The jobs are taken in claim order: any of a higher priority than $6, those of run_at
 /// from $7 to before $8 (the window), then from ($6, $8, $9), where this executor's claims
@@ -768,9 +768,6 @@ RETURNING j.id, j.lease_token, j.attempts, j.max_attempts, j.payload::text,
 /// Such a queue's claims skip the claim lock and the running count: executors claiming from
 /// one queue then commit side by side instead of queueing behind each other's commit.
 const UNLIMITED: i32 = 2 * gucs::MAX_EXECUTORS as i32 * gucs::MAX_BATCH;
-
-/// Key space of pg_queue's advisory locks (first half of the two-int4 key): 'pgqu'.
-pub const ADVISORY_LOCK_SPACE: i32 = 0x7067_7175;
 
 /// A queue with ready jobs, and how to run them.
 #[derive(Clone)]
@@ -1010,16 +1007,7 @@ fn claim_from(
     // Claims of a limited queue take turns, so that its running count is exact; a per-key
     // cap is counted the same way.
     if q.concurrency < UNLIMITED || q.key_concurrency.is_some() {
-        let lock = kept(
-            client,
-            "SELECT pg_advisory_xact_lock($1, hashtext($2))",
-            &[BuiltIn(INT4OID), BuiltIn(TEXTOID)],
-        )?;
-        client.update(
-            &*lock,
-            None,
-            &[ADVISORY_LOCK_SPACE.into(), q.name.as_str().into()],
-        )?;
+        crate::locks::lock(&q.name, crate::locks::Purpose::Claim);
     }
     // The queue's room under its concurrency limit, counted after the lock.
     let mut limit = limit;
