@@ -666,14 +666,19 @@ class Bench:
         self.drain("bench_drain", 1000)  # warm: plans, caches
         pids = self.executor_pids()
         before = sum(rss_kb(p) for p in pids)
-        left = n
-        while left > 0:  # in chunks, so that queue.jobs stays small
-            chunk = min(left, 200_000)
+        # Read after every chunk: a leak grows with each one, a cache filling up does not.
+        series = [(0, before)]
+        while series[-1][0] < n:  # in chunks, so that queue.jobs stays small
+            chunk = min(n - series[-1][0], 200_000)
             self.drain("bench_drain", chunk)
             self.sql("TRUNCATE queue.history")
-            left -= chunk
+            series.append((series[-1][0] + chunk, sum(rss_kb(p) for p in pids)))
         assert self.executor_pids() == pids, "executors restarted during the run"
-        after = sum(rss_kb(p) for p in pids)
+        after = series[-1][1]
+        self.appendix += ["", "### Executors' private RSS (kB) after each chunk", "",
+                          "| jobs | RSS kB |", "| ---: | ---: |"]
+        self.appendix += [f"| {done:,} | {kb:,} |" for done, kb in series]
+        print("  " + ", ".join(f"{done:,}: {kb:,} kB" for done, kb in series))
         self.floors["RSS before"] = before
         self.record("executors' private RSS before", before, "kB")
         self.record(f"executors' private RSS after {n:,} jobs", after, "kB", "RSS before")
