@@ -667,12 +667,13 @@ class Bench:
         pids = self.executor_pids()
         before = sum(rss_kb(p) for p in pids)
         # Read after every chunk: a leak grows with each one, a cache filling up does not.
-        series = [(0, before)]
-        while series[-1][0] < n:  # in chunks, so that queue.jobs stays small
-            chunk = min(n - series[-1][0], 200_000)
+        done, series = 0, [(0, before)]
+        while done < n:  # in chunks, so that queue.jobs stays small
+            chunk = min(n - done, 200_000)
             self.drain("bench_drain", chunk)
             self.sql("TRUNCATE queue.history")
-            series.append((series[-1][0] + chunk, sum(rss_kb(p) for p in pids)))
+            done += chunk
+            series.append((done, sum(rss_kb(p) for p in pids)))
         assert self.executor_pids() == pids, "executors restarted during the run"
         after = series[-1][1]
         self.appendix += ["", "### Executors' private RSS (kB) after each chunk", "",
