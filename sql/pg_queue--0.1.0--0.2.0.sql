@@ -499,17 +499,14 @@ ALTER FUNCTION queue.claim(text, text, integer, interval)
 ALTER FUNCTION queue.claim(text[], text, integer, interval)
     SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off;
 
--- 7. The nine CHECK constraints of queue.jobs become one that calls a C function
---    (src/state.rs, sql/jobs.sql): Postgres parsed and planned all nine for every INSERT
---    and UPDATE. One ALTER TABLE: one short exclusive lock and one scan of the live jobs.
-CREATE FUNCTION queue.job_invariants(
-    state anyelement, waiting_for integer, on_dependency_failure text, attempts integer,
-    max_attempts integer, timeout interval, started_at timestamptz, lease_token uuid,
-    worker_id uuid, consumer text, lease interval, lease_expires_at timestamptz)
-RETURNS boolean IMMUTABLE PARALLEL SAFE
-LANGUAGE c AS 'MODULE_PATHNAME', 'job_invariants_wrapper';
-REVOKE ALL ON FUNCTION queue.job_invariants(anyelement, integer, text, integer, integer, interval,
-    timestamptz, uuid, uuid, text, interval, timestamptz) FROM PUBLIC;
+-- 7. The nine CHECK constraints of queue.jobs become one row trigger in C (src/state.rs,
+--    sql/jobs.sql): Postgres parsed and planned all nine for every INSERT and UPDATE. The
+--    live jobs met the same invariants under the CHECKs, so none needs checking again.
+CREATE FUNCTION queue.jobs_invariants() RETURNS trigger
+LANGUAGE c AS 'MODULE_PATHNAME', 'pg_queue_jobs_invariants';
+REVOKE ALL ON FUNCTION queue.jobs_invariants() FROM PUBLIC;
+COMMENT ON FUNCTION queue.jobs_invariants() IS
+    'Trigger of queue.jobs: raises check_violation (23514) naming the invariant of a live job that a row breaks.';
 ALTER TABLE queue.jobs
     DROP CONSTRAINT jobs_live_state,
     DROP CONSTRAINT jobs_waiting_for_dependencies,
@@ -519,10 +516,9 @@ ALTER TABLE queue.jobs
     DROP CONSTRAINT jobs_timeout_positive,
     DROP CONSTRAINT jobs_running_has_owner,
     DROP CONSTRAINT jobs_one_owner,
-    DROP CONSTRAINT jobs_consumer_has_lease,
-    ADD CONSTRAINT jobs_invariants CHECK (queue.job_invariants(
-        state, waiting_for, on_dependency_failure, attempts, max_attempts, timeout,
-        started_at, lease_token, worker_id, consumer, lease, lease_expires_at));
+    DROP CONSTRAINT jobs_consumer_has_lease;
+CREATE TRIGGER jobs_invariants BEFORE INSERT OR UPDATE ON queue.jobs
+    FOR EACH ROW EXECUTE FUNCTION queue.jobs_invariants();
 
 -- 8. enqueue's common case is a C function (src/api/enqueue.rs); the PL/pgSQL body, as it
 --    was, becomes queue.enqueue_sql, which takes the rest. CREATE OR REPLACE keeps

@@ -125,8 +125,8 @@ CREATE TABLE queue.jobs (
     progress          jsonb,                            -- a consumer's last heartbeat(progress) this attempt
     snoozes           integer     NOT NULL DEFAULT 0,   -- times it was snoozed (attempts not counted)
     fair_key          text                              -- its share of a fair_share queue ('' for none there)
-    -- Its invariants are one CHECK, jobs_invariants, added in sql/jobs.sql once the
-    -- function that checks them (src/state.rs) exists.
+    -- Its invariants are checked by a row trigger, jobs_invariants, created in sql/jobs.sql
+    -- with the C function that checks them (src/state.rs).
 ) WITH (fillfactor = 80, autovacuum_vacuum_scale_factor = 0.01,
         autovacuum_vacuum_insert_scale_factor = 0.01, autovacuum_vacuum_cost_delay = 0);
 

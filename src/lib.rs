@@ -33,6 +33,7 @@ mod flow;
 mod gucs;
 mod locks;
 mod rate;
+mod rows;
 mod security;
 mod shmem;
 mod state;
@@ -56,7 +57,6 @@ extension_sql_file!(
     name = "jobs",
     requires = [
         "queues",
-        state::job_invariants,
         api::uuid_generate_v7,
         api::wake_executors,
         api::rewind_executors,
