@@ -418,7 +418,29 @@ mod tests {
             .expect("alter");
         same("paths", "'[1, 2]'");
         same("paths", "'{}', fair_key => 'tenant'");
-        // Only the four calls with an option went to PL/pgSQL: the others took the fast path.
+        // A role granted enqueue takes the fast path too; one without a grant is refused
+        // (by the PL/pgSQL path, which raises every error).
+        Spi::run(
+            "CREATE ROLE pq_paths_grantee; CREATE ROLE pq_paths_stranger;
+             GRANT USAGE ON SCHEMA queue TO pq_paths_grantee, pq_paths_stranger;
+             SELECT queue.grant('paths', 'pq_paths_grantee', '{enqueue}');
+             SET LOCAL ROLE pq_paths_grantee;
+             SELECT queue.enqueue('paths', '{}');
+             RESET ROLE",
+        )
+        .expect("a grantee enqueues");
+        assert_eq!(
+            count("SELECT count(*) FROM queue.jobs WHERE queue = 'paths' AND enqueued_by = 'pq_paths_grantee'::regrole"),
+            1
+        );
+        assert_eq!(
+            sqlstate("SET LOCAL ROLE pq_paths_stranger; SELECT queue.enqueue('paths', '{}')")
+                .as_deref(),
+            Some("42501")
+        );
+        Spi::run("RESET ROLE").expect("reset role");
+        // Only the four calls with an option went to PL/pgSQL (and the stranger's, which
+        // raised before its call was counted): the others took the fast path.
         assert_eq!(
             count(
                 "SELECT pg_stat_get_xact_function_calls('queue.enqueue_sql(text, jsonb, timestamptz,
