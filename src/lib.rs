@@ -26,6 +26,19 @@
 
 use pgrx::prelude::*;
 
+/// `pg_finfo_<symbol>` of a C function written without `#[pg_extern]` (enqueue, the jobs
+/// trigger): what tells Postgres it uses the version-1 calling convention.
+macro_rules! v1_function_info {
+    ($finfo:ident) => {
+        #[unsafe(no_mangle)]
+        pub extern "C" fn $finfo() -> &'static pgrx::pg_sys::Pg_finfo_record {
+            static V1: pgrx::pg_sys::Pg_finfo_record =
+                pgrx::pg_sys::Pg_finfo_record { api_version: 1 };
+            &V1
+        }
+    };
+}
+
 mod api;
 mod cron;
 mod fair;

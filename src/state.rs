@@ -176,11 +176,7 @@ const COLUMNS: [&str; 12] = [
     "lease_expires_at",
 ];
 
-#[unsafe(no_mangle)]
-pub extern "C" fn pg_finfo_pg_queue_jobs_invariants() -> &'static pg_sys::Pg_finfo_record {
-    static V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
-    &V1
-}
+v1_function_info!(pg_finfo_pg_queue_jobs_invariants);
 
 /// The invariants of a row of `queue.jobs`: its BEFORE INSERT OR UPDATE row trigger
 /// `jobs_invariants` (sql/jobs.sql). A trigger rather than a CHECK because Postgres reads a

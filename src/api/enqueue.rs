@@ -55,11 +55,7 @@ const FAIR_KEY: usize = 10;
 /// max_attempts through on_dependency_failure: any of them set takes the PL/pgSQL path.
 const OPTIONS: std::ops::RangeInclusive<usize> = 4..=9;
 
-#[unsafe(no_mangle)]
-pub extern "C" fn pg_finfo_pg_queue_enqueue() -> &'static pg_sys::Pg_finfo_record {
-    static V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
-    &V1
-}
+v1_function_info!(pg_finfo_pg_queue_enqueue);
 
 /// `queue.enqueue(...)` (sql/jobs.sql declares it, with its defaults and comment).
 #[pg_guard]
@@ -103,7 +99,7 @@ fn fast_path(args: &[DatumWithOid<'_>]) -> Option<pgrx::Uuid> {
     // SAFETY: the payload argument is a non-NULL jsonb datum (the caller checked).
     let queue = unsafe { find_queue(raw(QUEUE)?, raw(PAYLOAD)?, who) }?;
     Spi::connect_mut(|client| {
-        let allowed = queue.allowed
+        let allowed = queue.fits
             && (queue.member || {
                 let granted = plan(client, GRANTED_SQL, &[BuiltIn(TEXTOID), BuiltIn(OIDOID)]);
                 client
@@ -204,7 +200,7 @@ struct Queue {
     /// The caller is a member of the queue's owner (else a grant must say it may enqueue).
     member: bool,
     /// Not full, and the payload fits both the queue's and the server's size limits.
-    allowed: bool,
+    fits: bool,
 }
 
 /// The columns of `queue.queues` that `find_queue` reads.
@@ -272,7 +268,7 @@ unsafe fn find_queue(name: pg_sys::Datum, payload: pg_sys::Datum, who: Oid) -> O
                 notify: flag(notify),
                 fair_share: flag(fair_share),
                 member: pg_sys::has_privs_of_role(who, owner),
-                allowed: !flag(is_full) && size <= i64::from(limit),
+                fits: !flag(is_full) && size <= i64::from(limit),
             }
         });
         pg_sys::systable_endscan(scan);
