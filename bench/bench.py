@@ -46,11 +46,14 @@ SIZES = {
 }
 
 # The floors run on tables shaped exactly like queue.jobs and queue.history (same columns,
-# CHECK constraints and indexes, partial claim index included; history unpartitioned),
-# with ids from the same UUIDv7 function: what a hand-written worker on pg_queue's table
-# design costs, without pg_queue's functions, executors or batching logic.
+# constraints and indexes, partial claim index included, and queue.jobs' invariants
+# trigger, which LIKE does not copy; history unpartitioned), with ids from the same UUIDv7
+# function: what a hand-written worker on pg_queue's table design costs, without
+# pg_queue's functions, executors or batching logic.
 FLOOR_SCHEMA = """
 CREATE TABLE floor_jobs (LIKE queue.jobs INCLUDING ALL);
+CREATE TRIGGER floor_jobs_invariants BEFORE INSERT OR UPDATE ON floor_jobs
+    FOR EACH ROW EXECUTE FUNCTION queue.jobs_invariants();
 CREATE TABLE floor_history (LIKE queue.history INCLUDING ALL);
 """
 
