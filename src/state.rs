@@ -189,20 +189,28 @@ v1_function_info!(pg_finfo_pg_queue_jobs_invariants);
 pub unsafe extern "C-unwind" fn pg_queue_jobs_invariants(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> pg_sys::Datum {
-    // SAFETY: called by the trigger manager (checked first), whose TriggerData gives the
-    // relation and the new row.
+    // SAFETY: called by the trigger manager for a row of an INSERT or UPDATE (checked
+    // first, since only then is there a row), whose TriggerData gives the relation and it.
     unsafe {
         let context = (*fcinfo).context;
-        if context.is_null() || (*context).type_ != pg_sys::NodeTag::T_TriggerData {
+        let is_trigger = !context.is_null() && (*context).type_ == pg_sys::NodeTag::T_TriggerData;
+        let event = if is_trigger {
+            (*(context as *const pg_sys::TriggerData)).tg_event
+        } else {
+            0
+        };
+        let op = event & pg_sys::TRIGGER_EVENT_OPMASK;
+        if event & pg_sys::TRIGGER_EVENT_ROW == 0
+            || (op != pg_sys::TRIGGER_EVENT_INSERT && op != pg_sys::TRIGGER_EVENT_UPDATE)
+        {
             pgrx::ereport!(
                 PgLogLevel::ERROR,
                 PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
-                "queue.jobs_invariants() is a trigger function"
+                "queue.jobs_invariants() is a row trigger function for INSERT or UPDATE"
             );
         }
         let trigger = &*(context as *const pg_sys::TriggerData);
-        let event = trigger.tg_event & pg_sys::TRIGGER_EVENT_OPMASK;
-        let tuple = if event == pg_sys::TRIGGER_EVENT_UPDATE {
+        let tuple = if op == pg_sys::TRIGGER_EVENT_UPDATE {
             trigger.tg_newtuple
         } else {
             trigger.tg_trigtuple
@@ -210,11 +218,9 @@ pub unsafe extern "C-unwind" fn pg_queue_jobs_invariants(
         let column = crate::rows::named_columns(tuple, (*trigger.tg_relation).rd_att, &COLUMNS);
         let int = |c: usize| column[c].map_or(0, |d| d.value() as i32);
         let interval_us = |c: usize| {
-            column[c].map(|d| {
-                let i = &*(d.cast_mut_ptr::<pg_sys::Interval>());
-                const DAY_US: i128 = 86_400_000_000;
-                i.time as i128 + i.day as i128 * DAY_US + i.month as i128 * 30 * DAY_US
-            })
+            column[c]
+                .and_then(|d| pgrx::datum::Interval::from_datum(d, false))
+                .map(|i| i.as_micros())
         };
         let row = LiveRow {
             state: column[0].and_then(job_state),

@@ -458,8 +458,8 @@ mod tests {
             0
         );
         create("inv");
-        // The invariants (one CHECK, src/state.rs) hold even against direct writes, and the
-        // error names the one broken.
+        // The invariants (a row trigger, src/state.rs) hold even against direct writes, and
+        // the error names the one broken.
         let insert = |cols: &str, vals: &str| {
             format!(
                 "INSERT INTO queue.jobs (id, queue, payload, enqueued_by, run_at, created_at, {cols})
@@ -518,6 +518,23 @@ mod tests {
         assert_eq!(
             count("SELECT count(*) FROM queue.jobs WHERE queue = 'inv' AND attempts = 0"),
             1
+        );
+        // A timeout of months counts as positive.
+        Spi::run(&insert(
+            "state, max_attempts, timeout",
+            "'queued', 1, '1 mon'",
+        ))
+        .expect("a job with a timeout of a month");
+        // The function refuses to run where there is no row to check (it would read none).
+        Spi::run(
+            "CREATE TABLE tests.inv_stmt (i int);
+             CREATE TRIGGER inv_stmt AFTER INSERT ON tests.inv_stmt
+                 FOR EACH STATEMENT EXECUTE FUNCTION queue.jobs_invariants()",
+        )
+        .expect("a statement trigger");
+        assert_eq!(
+            sqlstate("INSERT INTO tests.inv_stmt VALUES (1)").as_deref(),
+            Some("39P01")
         );
     }
 
